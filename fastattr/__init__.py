@@ -1,0 +1,11 @@
+"""fastattr: fast training-data attribution for diffusion models.
+
+Compiled kernels (C++/OpenMP, CUDA, Triton) for the hot paths of attribution -- random
+projection, fused per-sample gradients, curvature -- behind a thin Python API.
+"""
+
+from .backends import backends
+from .projection import Projector
+
+__version__ = "0.1.0"
+__all__ = ["Projector", "backends", "__version__"]

@@ -1,0 +1,21 @@
+"""Kernel launchers, one module per backend; each exposes the same functions per op.
+
+``implementation(backend, op)`` returns the callable; modules are imported on first use so
+that neither triton nor the compiled extensions load at package import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_MODULES = {
+    "reference": {"project": "fastattr.reference.projection"},
+    "cpu": {"project": "fastattr.kernels.cpu"},
+    "triton": {"project": "fastattr.kernels.triton.projection"},
+    "cuda": {"project": "fastattr.kernels.cuda"},
+}
+
+
+def implementation(backend: str, family: str, name: str):
+    """The function ``name`` of op family ``family`` on ``backend``."""
+    return getattr(importlib.import_module(_MODULES[backend][family]), name)

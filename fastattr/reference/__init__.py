@@ -1,0 +1,1 @@
+"""Pure-torch oracles: simple, correct, the fallback backend and the tests' ground truth."""
