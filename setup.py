@@ -48,7 +48,7 @@ def _cuda_archs():
     return flags
 
 
-CPU_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
+CPU_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math"]
 
 cpu_ext = Pybind11Extension(
     "fastattr._C",
@@ -59,6 +59,8 @@ cpu_ext = Pybind11Extension(
         f"{CSRC}/cpu/projection_avx2.cpp",
     ],
     include_dirs=[CSRC],
+    depends=[f"{CSRC}/philox.h", f"{CSRC}/cpu/projection.h", f"{CSRC}/cpu/projection_impl.inc",
+             f"{CSRC}/cpu/projection_forward.inc"],
     extra_compile_args=CPU_FLAGS,
     extra_link_args=["-fopenmp"],
     cxx_std=17,

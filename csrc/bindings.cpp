@@ -59,6 +59,12 @@ py::tuple philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0
   return py::make_tuple(w[0], w[1], w[2], w[3]);
 }
 
+py::tuple gaussian4(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
+  float z0, z1, z2, z3;
+  fastattr::fa_gaussian4(w0, w1, w2, w3, z0, z1, z2, z3);
+  return py::make_tuple(z0, z1, z2, z3);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -66,6 +72,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("simd_level", &fastattr::cpu::simd_level,
         "SIMD variant in use: avx512, avx2 or generic (FASTATTR_CPU_SIMD lowers it)");
   m.def("philox4x32_10", &philox, "Philox4x32-10 of one counter and key -> 4 words");
+  m.def("gaussian4", &gaussian4, "the fp32 Box-Muller entries of four Philox words (unscaled)");
   m.def("philox_key", &fastattr::philox_key, "64-bit Philox key of (seed, ensemble_id)");
   m.def("project", &project, "y[B,k] = sum_l x_l @ R[off_l:off_l+p_l] (raw pointers)");
   m.def("materialize", &materialize, "rows of R into a float32 [n, k] buffer (raw pointers)");

@@ -33,11 +33,14 @@ static constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 static constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 static constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
-// Philox4x32-10: counter (c0..c3), key (k0, k1) -> out[0..3].
+// Philox4x32-10: counter (c0..c3), key (k0, k1) -> (o0..o3). Scalar outputs by reference so
+// that CPU lane loops vectorise (an output array would become a scatter store).
 FA_HD void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-                         uint32_t k1, uint32_t out[4]) {
+                         uint32_t k1, uint32_t& o0, uint32_t& o1, uint32_t& o2, uint32_t& o3) {
 #if defined(__CUDACC__)
 #pragma unroll
+#else
+#pragma GCC unroll 10
 #endif
   for (int round = 0; round < 10; ++round) {
     const uint64_t p0 = (uint64_t)kPhiloxM0 * c0;
@@ -51,10 +54,15 @@ FA_HD void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uin
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
-  out[0] = c0;
-  out[1] = c1;
-  out[2] = c2;
-  out[3] = c3;
+  o0 = c0;
+  o1 = c1;
+  o2 = c2;
+  o3 = c3;
+}
+
+FA_HD void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                         uint32_t k1, uint32_t out[4]) {
+  philox4x32_10(c0, c1, c2, c3, k0, k1, out[0], out[1], out[2], out[3]);
 }
 
 // splitmix64 finaliser.
@@ -102,8 +110,8 @@ FA_HD uint32_t fa_float_as_uint(float f) {
 FA_HD float fa_neg2log_uniform(uint32_t w) {
   const uint32_t m = w >> 8;
   const bool upper = m >= (1u << 23);
-  const float y = (float)((1u << 25) - 2u * m - 1u) * 0x1p-25f;
-  const float u = (float)(2u * m + 1u) * 0x1p-25f;  // exact when !upper
+  const float y = (float)(int32_t)((1u << 25) - 2u * m - 1u) * 0x1p-25f;
+  const float u = (float)(int32_t)(2u * m + 1u) * 0x1p-25f;  // exact when !upper
   const uint32_t bits = fa_float_as_uint(u);
   int e = (int)((bits >> 23) & 0xffu) - 127;
   float f = fa_uint_as_float((bits & 0x7fffffu) | 0x3f800000u);  // [1, 2)
@@ -151,25 +159,33 @@ FA_HD void fa_sincos_2pi_uniform(uint32_t w, float* s_out, float* c_out) {
   cp = cp * x2 + 1.0f / 24.0f;
   cp = cp * x2 - 0.5f;
   const float cx = 1.0f + x2 * cp;
-  const uint32_t qq = q & 3u;
-  // sin(q pi/2 + x), cos(q pi/2 + x)
-  const float sv = (qq & 1u) ? cx : sx;
-  const float cv = (qq & 1u) ? sx : cx;
-  *s_out = (qq == 2u || qq == 3u) ? -sv : sv;
-  *c_out = (qq == 1u || qq == 2u) ? -cv : cv;
+  // sin(q pi/2 + x), cos(q pi/2 + x): odd q swaps sin and cos; sin is negated for q = 2, 3 and
+  // cos for q = 1, 2 (sign flips as bit operations keep the code branch-free).
+  const uint32_t odd = q & 1u;
+  const float sv = odd ? cx : sx;
+  const float cv = odd ? sx : cx;
+  const uint32_t sin_neg = ((q >> 1) & 1u) << 31;
+  const uint32_t cos_neg = ((q ^ (q >> 1)) & 1u) << 31;
+  *s_out = fa_uint_as_float(fa_float_as_uint(sv) ^ sin_neg);
+  *c_out = fa_uint_as_float(fa_float_as_uint(cv) ^ cos_neg);
 }
 
 // The four Gaussian entries (unscaled) of one Philox output: Box-Muller on words (0,1), (2,3).
-FA_HD void fa_gaussian4(const uint32_t w[4], float z[4]) {
-  const float r0 = sqrtf(fa_neg2log_uniform(w[0]));
-  const float r1 = sqrtf(fa_neg2log_uniform(w[2]));
+FA_HD void fa_gaussian4(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3, float& z0, float& z1,
+                        float& z2, float& z3) {
+  const float r0 = sqrtf(fa_neg2log_uniform(w0));
+  const float r1 = sqrtf(fa_neg2log_uniform(w2));
   float s0, c0, s1, c1;
-  fa_sincos_2pi_uniform(w[1], &s0, &c0);
-  fa_sincos_2pi_uniform(w[3], &s1, &c1);
-  z[0] = r0 * c0;
-  z[1] = r0 * s0;
-  z[2] = r1 * c1;
-  z[3] = r1 * s1;
+  fa_sincos_2pi_uniform(w1, &s0, &c0);
+  fa_sincos_2pi_uniform(w3, &s1, &c1);
+  z0 = r0 * c0;
+  z1 = r0 * s0;
+  z2 = r1 * c1;
+  z3 = r1 * s1;
+}
+
+FA_HD void fa_gaussian4(const uint32_t w[4], float z[4]) {
+  fa_gaussian4(w[0], w[1], w[2], w[3], z[0], z[1], z[2], z[3]);
 }
 
 }  // namespace fastattr

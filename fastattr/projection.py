@@ -65,8 +65,10 @@ def _flatten_layers(x, arg: str = "x"):
             )
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device}, but {first_name} is on {first.device}")
-        flat = _check_dtype(name, t).reshape(t.shape[0], -1)  # a view whenever strides allow
-        if flat.shape[1] == 0:
+        per_sample = math.prod(t.shape[1:])
+        # a view whenever the strides allow it: nothing is copied for strided layers
+        flat = _check_dtype(name, t).reshape(t.shape[0], per_sample)
+        if per_sample == 0:
             raise ValueError(f"{name} has no elements per sample (shape {tuple(t.shape)})")
         names.append(name)
         layers.append(flat)
