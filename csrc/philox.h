@@ -37,9 +37,9 @@ static constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 // that CPU lane loops vectorise (an output array would become a scatter store).
 FA_HD void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
                          uint32_t k1, uint32_t& o0, uint32_t& o1, uint32_t& o2, uint32_t& o3) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 #pragma unroll
-#else
+#elif defined(__GNUC__) && !defined(__CUDACC__)  // nvcc's front end rejects GCC pragmas
 #pragma GCC unroll 10
 #endif
   for (int round = 0; round < 10; ++round) {

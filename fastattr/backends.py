@@ -77,6 +77,15 @@ def _status(name: str) -> BackendStatus:
             return BackendStatus(False, f"fastattr._cuda not built: {why}", built=False)
         if not _cuda_device_visible():
             return BackendStatus(False, "fastattr._cuda built, but no CUDA device is visible")
+        if mod.device_count() < 1:  # its static runtime needs a driver new enough for it
+            why = mod.version().get("device_status", "")
+            return BackendStatus(False, f"fastattr._cuda built, but its CUDA runtime sees no device: {why}")
+        import torch
+
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:
+            return BackendStatus(False, f"fastattr._cuda needs compute capability >= 8.0 (bf16 "
+                                 f"tensor cores); this GPU is sm_{major}{minor}")
         return BackendStatus(True, "fastattr._cuda on " + _cuda_device_name())
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
