@@ -1,0 +1,38 @@
+"""The projection benchmark runs end to end (--quick) and writes well-formed JSON.
+
+Benchmarks are scripts, not timed tests: this checks only that the script works.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "bench_projection.py")
+
+
+def test_bench_projection_quick_writes_json(tmp_path):
+    out = tmp_path / "sub" / "bench.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    start = time.perf_counter()
+    res = subprocess.run([sys.executable, SCRIPT, "--quick", "--json", str(out)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert elapsed < 30, f"--quick took {elapsed:.1f} s"
+
+    data = json.loads(out.read_text())
+    assert data["machine"]["torch"] and data["machine"]["torch_num_threads"] >= 1
+    assert data["machine"]["cpu_model"] and data["machine"]["date"]
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert ok, data["rows"]
+    for row in ok:
+        assert row["median_s"] > 0 and all(t > 0 for t in row["times_s"])
+        assert row["gbps"] > 0 and row["tflops"] > 0
+    methods = {row["method"] for row in ok}
+    assert {"cpu", "matmul"} <= methods or {"reference", "matmul"} <= methods, methods
+    assert all(row.get("reason") for row in data["rows"] if row["status"] != "ok")
+    # written atomically: no temp file left beside the result
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bench.json"]
