@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from . import ops
 from .backends import select_backend
 from .kernels import implementation
 from .rng import KINDS, Stream, philox_key
@@ -105,6 +106,13 @@ def _rows_tensor(rows) -> torch.Tensor:
     return t
 
 
+@torch.compiler.assume_constant_result
+def _resolve_backend(requested: str, device_type: str, device_index) -> str:
+    # evaluated eagerly even under torch.compile (it probes modules and the environment)
+    device = torch.device(device_type) if device_index is None else torch.device(device_type, device_index)
+    return select_backend(requested, device)
+
+
 class Projector:
     """Random projection ``x -> R^T x`` with ``R`` (p x k) generated on the fly.
 
@@ -166,7 +174,8 @@ class Projector:
 
     def resolve_backend(self, device) -> str:
         """The backend ``project`` would use for tensors on ``device``."""
-        return select_backend(self.backend, device)
+        device = torch.device(device)
+        return _resolve_backend(self.backend, device.type, device.index)
 
     def project(self, x) -> torch.Tensor:
         """Project ``x`` -> ``Tensor[B, k]`` float32 on ``x``'s device.
@@ -185,8 +194,8 @@ class Projector:
         backend = self.resolve_backend(layers[0].device)
         if layers[0].shape[0] == 0:
             return torch.zeros(0, self.k, dtype=torch.float32, device=layers[0].device)
-        project = implementation(backend, "project", "project")
-        return project(layers, offsets, self.k, self.kind, self.key, self.stream)
+        return ops.project(layers, offsets, self.k, self.kind, self.key[0], self.key[1],
+                           self.stream, backend)
 
     __call__ = project
 

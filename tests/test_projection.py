@@ -287,3 +287,18 @@ def test_float64_and_empty_batch():
     x = rand(3, 5).double()
     torch.testing.assert_close(proj.project(x), proj.project(x.float()))
     assert proj.project(rand(0, 5)).shape == (0, 8)
+
+
+def test_custom_op_traces_under_torch_compile():
+    from fastattr import ops
+
+    proj = fastattr.Projector(33, kind="gaussian", seed=3, backend="cpu")
+    x = rand(5, 71)
+    layers = [x[:, :40], x[:, 40:]]
+    torch.library.opcheck(ops.project, (layers, [0, 40], 33, "gaussian", *proj.key, 0, "cpu"))
+
+    def features(g):
+        return proj.project(g) * 2.0
+
+    compiled = torch.compile(features, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), features(x))
