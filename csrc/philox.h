@@ -101,31 +101,31 @@ FA_HD uint32_t fa_float_as_uint(float f) {
 }
 
 // -2 ln(u) for the uniform u = ((w >> 8) + 0.5) * 2^-24 of DESIGN.md, in fp32, accurate to a
-// few ulp for every w. u itself needs 25 bits, so it is never formed where it would round:
-//   u <  1/2: u = (2m+1) 2^-25 is exact; u = 2^e f with f in [sqrt(1/2), sqrt(2)),
-//             ln u = e ln2 + 2 atanh((f-1)/(f+1));
-//   u >= 1/2: y = 1 - u = (2^25 - 2m - 1) 2^-25 is exact (an odd integer < 2^24),
-//             ln u = 2 atanh(-y / (2 - y)).
-// atanh by its odd series: |s| <= 1/3, truncation error < 1e-9 relative.
+// few ulp for every w. u = (2m+1) 2^-25 needs 25 bits; it is only rounded where that is
+// harmless:
+//   u <= sqrt(1/2): v = fl(u) (exact below 1/2, relative error 2^-25 above, where |ln u| >
+//                   0.34 keeps the result's relative error below 1e-7); v = 2^e f with f in
+//                   [sqrt(1/2), sqrt(2)) and ln u = e ln2 + 2 atanh((f-1)/(f+1));
+//   u >  sqrt(1/2): y = 1 - u = (2^25 - 2m - 1) 2^-25 is exact (an odd integer < 2^24), and
+//                   ln u = 2 atanh(-y / (2 - y)), free of the cancellation of ln(fl(u)).
+// Either way |s| <= 0.1716 and the atanh series to s^11 is exact to < 1e-10 relative.
 FA_HD float fa_neg2log_uniform(uint32_t w) {
   const uint32_t m = w >> 8;
-  const bool upper = m >= (1u << 23);
-  const float y = (float)(int32_t)((1u << 25) - 2u * m - 1u) * 0x1p-25f;
-  const float u = (float)(int32_t)(2u * m + 1u) * 0x1p-25f;  // exact when !upper
-  const uint32_t bits = fa_float_as_uint(u);
+  const bool upper = m >= 11863283u;  // (2m+1) 2^-25 > sqrt(1/2)
+  const int32_t n = upper ? (int32_t)((1u << 25) - 2u * m - 1u) : (int32_t)(2u * m + 1u);
+  const float v = (float)n * 0x1p-25f;  // y when upper, else u
+  const uint32_t bits = fa_float_as_uint(v);
   int e = (int)((bits >> 23) & 0xffu) - 127;
   float f = fa_uint_as_float((bits & 0x7fffffu) | 0x3f800000u);  // [1, 2)
   const bool big = f > 1.41421356f;
   f = big ? 0.5f * f : f;
   e += big ? 1 : 0;
-  const float num = upper ? -y : f - 1.0f;
-  const float den = upper ? 2.0f - y : f + 1.0f;
+  const float num = upper ? -v : f - 1.0f;
+  const float den = upper ? 2.0f - v : f + 1.0f;
   const float ef = upper ? 0.0f : (float)e;
   const float s = num / den;
   const float s2 = s * s;
-  float poly = 1.0f / 15.0f;
-  poly = poly * s2 + 1.0f / 13.0f;
-  poly = poly * s2 + 1.0f / 11.0f;
+  float poly = 1.0f / 11.0f;
   poly = poly * s2 + 1.0f / 9.0f;
   poly = poly * s2 + 1.0f / 7.0f;
   poly = poly * s2 + 1.0f / 5.0f;
@@ -171,10 +171,11 @@ FA_HD void fa_sincos_2pi_uniform(uint32_t w, float* s_out, float* c_out) {
 }
 
 // The four Gaussian entries (unscaled) of one Philox output: Box-Muller on words (0,1), (2,3).
+// `scale` multiplies the radius (1 for the unscaled entries).
 FA_HD void fa_gaussian4(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3, float& z0, float& z1,
-                        float& z2, float& z3) {
-  const float r0 = sqrtf(fa_neg2log_uniform(w0));
-  const float r1 = sqrtf(fa_neg2log_uniform(w2));
+                        float& z2, float& z3, float scale = 1.0f) {
+  const float r0 = sqrtf(fa_neg2log_uniform(w0)) * scale;
+  const float r1 = sqrtf(fa_neg2log_uniform(w2)) * scale;
   float s0, c0, s1, c1;
   fa_sincos_2pi_uniform(w1, &s0, &c0);
   fa_sincos_2pi_uniform(w3, &s1, &c1);

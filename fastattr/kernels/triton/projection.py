@@ -67,25 +67,23 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
 def _neg2log_uniform(w):
     """-2 ln u, u = ((w >> 8) + 0.5) 2^-24, in fp32: fa_neg2log_uniform of csrc/philox.h."""
     m = w >> 8
-    upper = m >= (1 << 23)
-    # Both integers are < 2^25, so the uint32 -> int32 reinterpretation is exact.
-    y = (tl.full(m.shape, 1 << 25, tl.uint32) - 2 * m - 1).to(tl.int32, bitcast=True)
-    y = y.to(tl.float32) * 2.9802322387695312e-08  # 2^-25
-    u = (2 * m + 1).to(tl.int32, bitcast=True).to(tl.float32) * 2.9802322387695312e-08
-    bits = u.to(tl.uint32, bitcast=True)
+    upper = m >= 11863283  # (2m+1) 2^-25 > sqrt(1/2)
+    # v = y = 1 - u (exact) when upper, else v = fl(u); both integers are < 2^25, so the
+    # uint32 -> int32 reinterpretation is exact.
+    n = tl.where(upper, tl.full(m.shape, 1 << 25, tl.uint32) - 2 * m - 1, 2 * m + 1)
+    v = n.to(tl.int32, bitcast=True).to(tl.float32) * 2.9802322387695312e-08  # 2^-25
+    bits = v.to(tl.uint32, bitcast=True)
     e = ((bits >> 23) & 0xFF).to(tl.int32, bitcast=True) - 127
     f = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # [1, 2)
     big = f > 1.41421356
     f = tl.where(big, 0.5 * f, f)
     e = e + big.to(tl.int32)
-    num = tl.where(upper, -y, f - 1.0)
-    den = tl.where(upper, 2.0 - y, f + 1.0)
+    num = tl.where(upper, -v, f - 1.0)
+    den = tl.where(upper, 2.0 - v, f + 1.0)
     ef = tl.where(upper, 0.0, e.to(tl.float32))
     s = tl.math.div_rn(num, den)
     s2 = s * s
-    poly = s2 * (1.0 / 15.0) + 1.0 / 13.0
-    poly = poly * s2 + 1.0 / 11.0
-    poly = poly * s2 + 1.0 / 9.0
+    poly = s2 * (1.0 / 11.0) + 1.0 / 9.0
     poly = poly * s2 + 1.0 / 7.0
     poly = poly * s2 + 1.0 / 5.0
     poly = poly * s2 + 1.0 / 3.0
