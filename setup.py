@@ -59,8 +59,8 @@ cpu_ext = Pybind11Extension(
         f"{CSRC}/cpu/projection_avx2.cpp",
     ],
     include_dirs=[CSRC],
-    depends=[f"{CSRC}/philox.h", f"{CSRC}/cpu/projection.h", f"{CSRC}/cpu/projection_impl.inc",
-             f"{CSRC}/cpu/projection_forward.inc"],
+    depends=[f"{CSRC}/philox.h", f"{CSRC}/projection_types.h", f"{CSRC}/cpu/projection.h",
+             f"{CSRC}/cpu/projection_impl.inc", f"{CSRC}/cpu/projection_forward.inc"],
     extra_compile_args=CPU_FLAGS,
     extra_link_args=["-fopenmp"],
     cxx_std=17,
@@ -73,7 +73,8 @@ cuda_ext = Pybind11Extension(
     include_dirs=[CSRC],
     # the nvcc objects are linked in as extra_objects, which setuptools' up-to-date check
     # ignores: without these an edited .cu file would be recompiled but never relinked
-    depends=[*CUDA_SOURCES, f"{CSRC}/cuda/projection.h", f"{CSRC}/philox.h"],
+    depends=[*CUDA_SOURCES, f"{CSRC}/cuda/projection.h", f"{CSRC}/philox.h",
+             f"{CSRC}/projection_types.h"],
     extra_compile_args=["-O3"],
     cxx_std=17,
 )

@@ -18,7 +18,8 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-__all__ = ["BACKENDS", "BackendStatus", "backends", "select_backend", "load_extension"]
+__all__ = ["BACKENDS", "BackendStatus", "backends", "check_backend_name", "select_backend",
+           "load_extension"]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
@@ -111,6 +112,15 @@ def backends() -> dict[str, BackendStatus]:
     return {name: _status(name) for name in BACKENDS}
 
 
+def check_backend_name(backend) -> str:
+    """``backend`` if it is "auto" or a backend name; ``TypeError``/``ValueError`` otherwise."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 def select_backend(requested: str, device) -> str:
     """Resolve ``requested`` ("auto" or a backend name) for tensors on ``device``.
 
@@ -120,15 +130,14 @@ def select_backend(requested: str, device) -> str:
     import torch
 
     device = torch.device(device)
-    if not isinstance(requested, str):
-        raise TypeError(f"backend must be a str, got {type(requested).__name__}")
+    check_backend_name(requested)
     if requested == "auto":
         requested = os.environ.get("FASTATTR_BACKEND", "auto") or "auto"
     if requested == "auto":
         order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
         return next(name for name in order if _status(name).available)
     if requested not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {requested!r}")
+        raise ValueError(f"FASTATTR_BACKEND must be 'auto' or one of {BACKENDS}, got {requested!r}")
     status = _status(requested)
     if not status.available:
         raise RuntimeError(f"backend {requested!r} is not available: {status.reason}")

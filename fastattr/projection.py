@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from . import ops
-from .backends import BACKENDS, select_backend
+from .backends import check_backend_name, select_backend
 from .kernels import implementation
 from .rng import KINDS, Stream, philox_key
 
@@ -155,11 +155,7 @@ class Projector:
         self.seed = _check_int("seed", seed, 0, (1 << 64) - 1)
         self.ensemble_id = _check_int("ensemble_id", ensemble_id, 0, (1 << 64) - 1)
         self.stream = _check_int("stream", stream, 0, (1 << 32) - 1)
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-        if backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self.check_finite = bool(check_finite)
         self.key = philox_key(self.seed, self.ensemble_id)
 

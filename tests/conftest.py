@@ -26,3 +26,28 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+class _PoisonedTorch:
+    """``torch`` as a launcher module sees it, with ``empty`` returning NaN-filled tensors:
+    every output and scratch buffer a kernel is given must be fully written by it."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        out = torch.empty(*args, **kwargs)
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+        return out
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """``poison_outputs(module)``: the buffers ``module`` allocates with torch.empty start as NaN."""
+
+    def poison(module):
+        monkeypatch.setattr(module, "torch", _PoisonedTorch())
+
+    return poison

@@ -18,6 +18,11 @@ HOST_BACKENDS = ["reference", "cpu"]
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-5, 1e-5), (torch.float16, 1e-5, 1e-5)]
 
 
+@pytest.fixture(autouse=True)
+def _poison_outputs(poison_outputs):
+    poison_outputs(cpu_kernels)  # the launcher's output buffers start as NaN
+
+
 def dense_projection(x: torch.Tensor, proj: fastattr.Projector) -> torch.Tensor:
     """float64 x @ R: the exact product the backends round to fp32."""
     mat = proj.materialize(x.shape[1], device="cpu").double()

@@ -34,26 +34,9 @@ KEY = (0x9E3779B9, 0x7F4A7C15)  # both words >= 2**31: exercises the uint32 key 
 BIG = 2**32 + 12345  # a row offset whose counter word c1 (hi32) is 1
 
 
-class _PoisonedTorch:
-    """``torch`` as the kernel module sees it, with ``empty`` returning NaN-filled tensors.
-
-    Every output and scratch buffer the launchers allocate must be fully written.
-    """
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        out = torch.empty(*args, **kwargs)
-        if out.is_floating_point():
-            out.fill_(float("nan"))
-        return out
-
-
 @pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(tp, "torch", _PoisonedTorch())
+def _poison_outputs(poison_outputs):
+    poison_outputs(tp)
 
 
 def rand(*shape, dtype=torch.float32):

@@ -3,28 +3,14 @@
 #pragma once
 #include <stdint.h>
 
+#include "projection_types.h"
+
 namespace fastattr {
 namespace cpu {
 
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
-// One layer of the input: a strided [B, p] matrix of dtype `dtype` whose columns are input
-// indices [offset, offset + p) of R.
-struct Layer {
-  const void* data;
-  int dtype;
-  int64_t p;
-  int64_t stride_b;  // elements
-  int64_t stride_p;  // elements
-  int64_t offset;
-};
-
-struct MatrixSpec {
-  int64_t k;
-  int kind;  // fastattr::Kind
-  uint32_t key0, key1, stream;
-  float scale;
-};
+using fastattr::DType;
+using fastattr::Layer;
+using fastattr::MatrixSpec;
 
 // out: contiguous float32 [batch, k]; fully overwritten.
 void project(float* out, int64_t batch, const Layer* layers, int n_layers, const MatrixSpec& spec,

@@ -11,30 +11,16 @@
 #pragma once
 #include <stdint.h>
 
+#include "projection_types.h"
+
 struct CUstream_st;
 
 namespace fastattr {
 namespace cuda {
 
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
-// One layer of the input: a strided [B, p] device matrix of dtype `dtype` whose columns are
-// input indices [offset, offset + p) of R. Strides are in elements (any values, 64-bit).
-struct Layer {
-  const void* data;
-  int dtype;
-  int64_t p;
-  int64_t stride_b;
-  int64_t stride_p;
-  int64_t offset;
-};
-
-struct MatrixSpec {
-  int64_t k;
-  int kind;  // fastattr::Kind
-  uint32_t key0, key1, stream;
-  float scale;
-};
+using fastattr::DType;
+using fastattr::Layer;
+using fastattr::MatrixSpec;
 
 // out: contiguous float32 [batch, k] device buffer; fully overwritten. Deterministic: no
 // float atomics; split-K partial sums are reduced in a fixed order.

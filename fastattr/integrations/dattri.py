@@ -37,13 +37,13 @@ Behaviour, compared with dattri's dense projectors (``proj_type`` "normal"/"rade
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Mapping
 
 import torch
 
-from ..backends import BACKENDS
+from ..backends import check_backend_name
 from ..projection import Projector
+from ._args import as_index
 
 __all__ = ["random_project"]
 
@@ -65,19 +65,7 @@ def _kind(proj_type) -> str:
     raise ValueError(f"proj_type must be 'normal' or 'rademacher', got {proj_type!r}")
 
 
-def _check_backend(backend) -> None:
-    # fastattr.Projector resolves its backend at the first call; say it at construction.
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
-
-def _index(name: str, value) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
 def _layers(feature, arg: str) -> list[tuple[str, torch.Tensor]]:
@@ -143,11 +131,11 @@ def random_project(
             "(feature, feature_batch_size, proj_dim, proj_max_batch_size, proj_seed, "
             "proj_type); pass device= by keyword"
         )
-    feature_batch_size = _index("feature_batch_size", feature_batch_size)
-    proj_dim = _index("proj_dim", proj_dim)
-    proj_seed = _index("proj_seed", proj_seed)
+    feature_batch_size = as_index("feature_batch_size", feature_batch_size)
+    proj_dim = as_index("proj_dim", proj_dim)
+    proj_seed = as_index("proj_seed", proj_seed)
     if proj_max_batch_size is not None:
-        _index("proj_max_batch_size", proj_max_batch_size)
+        as_index("proj_max_batch_size", proj_max_batch_size)
     if feature_batch_size < 1:
         raise ValueError(f"feature_batch_size must be >= 1, got {feature_batch_size}")
 
@@ -184,11 +172,11 @@ def random_project(
     if target is not None and target.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be a cpu or cuda device, got {target}")
 
-    _check_backend(backend)
+    check_backend_name(backend)
     projectors: dict[int, Projector] = {}
 
     def projector(ensemble_id: int) -> Projector:
-        ensemble_id = _index("ensemble_id", ensemble_id)
+        ensemble_id = as_index("ensemble_id", ensemble_id)
         proj = projectors.get(ensemble_id)
         if proj is None:
             proj = Projector(proj_dim, kind=kind, seed=proj_seed, ensemble_id=ensemble_id,

@@ -30,7 +30,6 @@ Differences from trak's own projectors, all deliberate:
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -43,8 +42,9 @@ except ImportError as _exc:  # pragma: no cover - exercised only without trak
         f"(importing trak.projectors failed: {_exc})"
     ) from _exc
 
-from ..backends import BACKENDS
+from ..backends import check_backend_name
 from ..projection import Projector
+from ._args import as_index
 
 __all__ = ["FastattrProjector", "ProjectionType"]
 
@@ -62,20 +62,7 @@ def _projection_type(proj_type) -> ProjectionType:
     return ProjectionType.normal if _KIND_OF[value] == "gaussian" else ProjectionType.rademacher
 
 
-def _check_backend(backend) -> None:
-    # fastattr.Projector resolves its backend at the first call; say it at construction.
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
-
-def _index(name: str, value) -> int:
-    """An integer argument (Python or numpy int; no bool, no float)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 
 
 def _features_per_sample(grads) -> int:
@@ -138,18 +125,18 @@ class FastattrProjector(AbstractProjector):
         max_batch_size: int | None = None,
         block_size: int | None = None,
     ) -> None:
-        grad_dim = _index("grad_dim", grad_dim)
-        proj_dim = _index("proj_dim", proj_dim)
-        seed = _index("seed", seed)
+        grad_dim = as_index("grad_dim", grad_dim)
+        proj_dim = as_index("proj_dim", proj_dim)
+        seed = as_index("seed", seed)
         if grad_dim < 1:
             raise ValueError(f"grad_dim must be >= 1, got {grad_dim}")
         if model_id is not None:
             ensemble_id = model_id
-        ensemble_id = _index("ensemble_id", ensemble_id)
+        ensemble_id = as_index("ensemble_id", ensemble_id)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
         super().__init__(grad_dim, proj_dim, seed, _projection_type(proj_type), device)
-        _check_backend(backend)
+        check_backend_name(backend)
         self.dtype = dtype
         self.backend = backend
         self.ensemble_id = ensemble_id
@@ -168,7 +155,7 @@ class FastattrProjector(AbstractProjector):
 
     def projector(self, model_id: int) -> Projector:
         """The ``fastattr.Projector`` of ``model_id`` (created once, then cached)."""
-        model_id = _index("model_id", model_id)
+        model_id = as_index("model_id", model_id)
         proj = self._projectors.get(model_id)
         if proj is None:
             proj = Projector(

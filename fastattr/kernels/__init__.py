@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
+# Codes the compiled kernels use for input dtypes and matrix kinds (csrc/*/projection.h).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+KIND_CODES = {"rademacher": 0, "gaussian": 1}
+
 _MODULES = {
     "reference": {"project": "fastattr.reference.projection"},
     "cpu": {"project": "fastattr.kernels.cpu"},

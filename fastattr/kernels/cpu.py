@@ -10,9 +10,8 @@ import torch
 
 from ..backends import load_extension
 from ..rng import projection_scale
+from . import DTYPE_CODES, KIND_CODES
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_KIND_CODES = {"rademacher": 0, "gaussian": 1}
 
 
 def _ext():
@@ -27,10 +26,10 @@ def project(layers, offsets, k: int, kind: str, key, stream: int) -> torch.Tenso
     batch = layers[0].shape[0]
     out = torch.empty(batch, k, dtype=torch.float32)
     specs = [
-        (x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[1], x.stride(0), x.stride(1), off)
+        (x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[1], x.stride(0), x.stride(1), off)
         for x, off in zip(layers, offsets)
     ]
-    _ext().project(out.data_ptr(), batch, specs, k, _KIND_CODES[kind], key[0], key[1], stream,
+    _ext().project(out.data_ptr(), batch, specs, k, KIND_CODES[kind], key[0], key[1], stream,
                    projection_scale(k), torch.get_num_threads())
     return out
 
@@ -39,6 +38,6 @@ def materialize(rows: torch.Tensor, k: int, kind: str, key, stream: int) -> torc
     """Rows of R as float32 ``[len(rows), k]``."""
     rows = rows.contiguous()
     out = torch.empty(rows.numel(), k, dtype=torch.float32)
-    _ext().materialize(out.data_ptr(), rows.data_ptr(), rows.numel(), k, _KIND_CODES[kind],
+    _ext().materialize(out.data_ptr(), rows.data_ptr(), rows.numel(), k, KIND_CODES[kind],
                        key[0], key[1], stream, projection_scale(k), torch.get_num_threads())
     return out

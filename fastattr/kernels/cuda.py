@@ -12,9 +12,8 @@ import torch
 
 from ..backends import load_extension
 from ..rng import projection_scale
+from . import DTYPE_CODES, KIND_CODES
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_KIND_CODES = {"rademacher": 0, "gaussian": 1}
 
 
 def _ext():
@@ -33,7 +32,7 @@ def _check_layers(layers) -> torch.device:
     for i, x in enumerate(layers):
         if x.device != device:
             raise ValueError(f"layer {i} is on {x.device}, but layer 0 is on {device}")
-        if x.dtype not in _DTYPE_CODES:
+        if x.dtype not in DTYPE_CODES:
             raise TypeError(f"layer {i} has dtype {x.dtype}; expected float32, bfloat16 or float16")
         if x.dim() != 2 or x.shape[0] != layers[0].shape[0]:
             raise ValueError(f"layer {i} must be [B, p_i] with B={layers[0].shape[0]}, "
@@ -48,10 +47,10 @@ def project(layers, offsets, k: int, kind: str, key, stream: int) -> torch.Tenso
     with torch.cuda.device_of(layers[0]):
         out = torch.empty(batch, k, dtype=torch.float32, device=device)
         specs = [
-            (x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[1], x.stride(0), x.stride(1), off)
+            (x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[1], x.stride(0), x.stride(1), off)
             for x, off in zip(layers, offsets)
         ]
-        _ext().project(out.data_ptr(), batch, specs, k, _KIND_CODES[kind], key[0], key[1],
+        _ext().project(out.data_ptr(), batch, specs, k, KIND_CODES[kind], key[0], key[1],
                        stream, projection_scale(k), torch.cuda.current_stream(device).cuda_stream)
     return out
 
@@ -63,7 +62,7 @@ def materialize(rows: torch.Tensor, k: int, kind: str, key, stream: int) -> torc
     with torch.cuda.device_of(rows):
         rows = rows.to(torch.int64).contiguous()
         out = torch.empty(rows.numel(), k, dtype=torch.float32, device=rows.device)
-        _ext().materialize(out.data_ptr(), rows.data_ptr(), rows.numel(), k, _KIND_CODES[kind],
+        _ext().materialize(out.data_ptr(), rows.data_ptr(), rows.numel(), k, KIND_CODES[kind],
                            key[0], key[1], stream, projection_scale(k),
                            torch.cuda.current_stream(rows.device).cuda_stream)
     return out

@@ -27,11 +27,11 @@ import triton
 import triton.language as tl
 
 from ...rng import projection_scale
+from .. import DTYPE_CODES, KIND_CODES
 
 __all__ = ["project", "materialize"]
 
-_KIND_CODES = {"rademacher": 0, "gaussian": 1}
-_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INPUT_DTYPES = tuple(DTYPE_CODES)
 
 # Philox4x32-10 constants (csrc/philox.h). Globals read by @triton.jit code must be
 # tl.constexpr instances (the interpreter also accepts plain ints; the compiler does not).
@@ -310,8 +310,8 @@ def _num_splits(tiles: int, p: int, block_p: int, device: torch.device) -> int:
 
 
 def _check_common(k: int, kind: str, key, stream: int) -> None:
-    if kind not in _KIND_CODES:
-        raise ValueError(f"kind must be one of {tuple(_KIND_CODES)}, got {kind!r}")
+    if kind not in KIND_CODES:
+        raise ValueError(f"kind must be one of {tuple(KIND_CODES)}, got {kind!r}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if not all(0 <= int(w) <= 0xFFFFFFFF for w in (*key, stream)):
@@ -332,7 +332,7 @@ def project(layers, offsets, k: int, kind: str, key, stream: int, *,
     out = torch.empty(batch, k, dtype=torch.float32, device=device)
     if batch == 0:
         return out
-    code = _KIND_CODES[kind]
+    code = KIND_CODES[kind]
     scale = projection_scale(k)
     seeds = (int(key[0]), int(key[1]), int(stream))
     written = False
@@ -388,6 +388,6 @@ def materialize(rows: torch.Tensor, k: int, kind: str, key, stream: int) -> torc
     block_r, block_k = 32, _block_k(k, 128)
     grid = (triton.cdiv(n, block_r), triton.cdiv(k, block_k))
     _materialize_kernel[grid](rows, out, n, k, out.stride(0), int(key[0]), int(key[1]),
-                              int(stream), projection_scale(k), KIND=_KIND_CODES[kind],
+                              int(stream), projection_scale(k), KIND=KIND_CODES[kind],
                               BLOCK_R=block_r, BLOCK_K=block_k, enable_fp_fusion=True)
     return out
