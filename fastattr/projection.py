@@ -106,11 +106,16 @@ def _rows_tensor(rows) -> torch.Tensor:
     return t
 
 
-@torch.compiler.assume_constant_result
 def _resolve_backend(requested: str, device_type: str, device_index) -> str:
-    # evaluated eagerly even under torch.compile (it probes modules and the environment)
     device = torch.device(device_type) if device_index is None else torch.device(device_type, device_index)
     return select_backend(requested, device)
+
+
+# Under torch.compile the choice is evaluated eagerly and used as a constant (it probes
+# modules and the environment, which dynamo cannot trace). This is exactly what
+# torch.compiler.assume_constant_result does, without importing torch._dynamo (and with it
+# triton) at fastattr import time; test_custom_op_traces_under_torch_compile guards it.
+_resolve_backend._dynamo_marked_constant = True
 
 
 class Projector:

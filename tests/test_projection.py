@@ -321,3 +321,21 @@ def test_batch_splits_and_backends_agree(backend, kind):
     torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-6)
     ref = fastattr.Projector(19, kind=kind, seed=12, backend="reference").project(x)
     torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_import_does_not_import_triton():
+    """DESIGN: triton is never imported at package import time. (The first call of any
+    torch custom op imports torch._dynamo, which imports triton when it is installed;
+    that is torch's doing, after import.)"""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, fastattr\n"
+        "fastattr.backends()\n"
+        "fastattr.Projector(8, backend='cpu')\n"
+        "assert 'triton' not in sys.modules, 'triton imported'\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
