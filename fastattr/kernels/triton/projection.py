@@ -83,8 +83,7 @@ def _neg2log_uniform(w):
     ef = tl.where(upper, 0.0, e.to(tl.float32))
     s = tl.math.div_rn(num, den)
     s2 = s * s
-    poly = s2 * (1.0 / 11.0) + 1.0 / 9.0
-    poly = poly * s2 + 1.0 / 7.0
+    poly = s2 * (1.0 / 9.0) + 1.0 / 7.0
     poly = poly * s2 + 1.0 / 5.0
     poly = poly * s2 + 1.0 / 3.0
     atanh2 = 2.0 * s + 2.0 * s * s2 * poly
@@ -102,13 +101,11 @@ def _sincos_2pi_uniform(w):
     r = (2 * m + 1).to(tl.int32, bitcast=True) - (q << 23).to(tl.int32, bitcast=True)
     x = r.to(tl.float32) * (1.57079632679489662 * 1.1920928955078125e-07)  # pi/2 * 2^-23
     x2 = x * x
-    sp = x2 * (-1.0 / 39916800.0) + 1.0 / 362880.0
-    sp = sp * x2 - 1.0 / 5040.0
+    sp = x2 * (1.0 / 362880.0) - 1.0 / 5040.0
     sp = sp * x2 + 1.0 / 120.0
     sp = sp * x2 - 1.0 / 6.0
     sx = x + x * x2 * sp
-    cp = x2 * (1.0 / 479001600.0) - 1.0 / 3628800.0
-    cp = cp * x2 + 1.0 / 40320.0
+    cp = x2 * (-1.0 / 3628800.0) + 1.0 / 40320.0
     cp = cp * x2 - 1.0 / 720.0
     cp = cp * x2 + 1.0 / 24.0
     cp = cp * x2 - 0.5
