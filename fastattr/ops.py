@@ -10,7 +10,27 @@ import torch
 
 from .kernels import implementation
 
-__all__ = ["project"]
+__all__ = ["project", "project_transpose_rows"]
+
+# Rows of R materialised at a time by the transpose: about 4M entries (16 MiB fp32).
+TRANSPOSE_CHUNK_ENTRIES = 1 << 22
+
+
+def project_transpose_rows(y: torch.Tensor, offset: int, p: int, k: int, kind: str, key,
+                           stream: int, backend: str, chunk_rows: int | None = None):
+    """``y @ R[offset : offset + p].T`` for float32 ``y [B, k]``: ``[B, p]`` float32.
+
+    Rows of R are materialised ``chunk_rows`` at a time with ``backend``'s generator, so
+    memory stays bounded for any p.
+    """
+    materialize = implementation(backend, "project", "materialize")
+    step = chunk_rows or max(1, TRANSPOSE_CHUNK_ENTRIES // k)
+    out = torch.empty(y.shape[0], p, dtype=torch.float32, device=y.device)
+    for start in range(0, p, step):
+        stop = min(p, start + step)
+        rows = torch.arange(offset + start, offset + stop, dtype=torch.int64, device=y.device)
+        out[:, start:stop] = y @ materialize(rows, k, kind, key, stream).T
+    return out
 
 
 @torch.library.custom_op("fastattr::project", mutates_args=())
@@ -36,3 +56,23 @@ def project(
 @project.register_fake
 def _project_fake(layers, offsets, k, kind, key0, key1, stream, backend):
     return layers[0].new_empty((layers[0].shape[0], k), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    layers, offsets, k, kind, key0, key1, stream, backend = inputs
+    ctx.layer_info = [(off, x.shape[1], x.dtype) for x, off in zip(layers, offsets)]
+    ctx.matrix = (k, kind, (key0, key1), stream, backend)
+
+
+def _backward(ctx, grad):
+    # d/dx_l of x_l @ R_l is R_l^T applied to the output gradient: the transpose product
+    k, kind, key, stream, backend = ctx.matrix
+    grad = grad.to(torch.float32)
+    grads = [
+        project_transpose_rows(grad, off, p, k, kind, key, stream, backend).to(dtype)
+        for off, p, dtype in ctx.layer_info
+    ]
+    return grads, None, None, None, None, None, None, None
+
+
+project.register_autograd(_backward, setup_context=_setup_context)

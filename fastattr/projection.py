@@ -242,12 +242,10 @@ class Projector:
         total = p if shapes is None else sum(math.prod(s) for s in shapes)
         if total < 1:
             raise ValueError("p describes no input features")
-        step = chunk_rows or max(1, (1 << 22) // self.k)
-        out = torch.empty(y2.shape[0], total, dtype=torch.float32, device=y.device)
-        for start in range(0, total, step):
-            stop = min(total, start + step)
-            rows = torch.arange(start, stop, dtype=torch.int64)
-            out[:, start:stop] = y2 @ self.materialize(rows, device=y.device).T
+        if chunk_rows is not None:
+            _check_int("chunk_rows", chunk_rows, 1)
+        out = ops.project_transpose_rows(y2, 0, total, self.k, self.kind, self.key, self.stream,
+                                         self.resolve_backend(y.device), chunk_rows)
         if shapes is None:
             return out[0] if y.dim() == 1 else out
         pieces, offset = [], 0

@@ -339,3 +339,17 @@ def test_import_does_not_import_triton():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_project_is_differentiable(backend):
+    """The gradient of project is the transpose product R g, per layer, in the layer's dtype."""
+    proj = fastattr.Projector(23, kind="gaussian", seed=9, backend=backend)
+    a = rand(4, 3, 5).requires_grad_()
+    b = rand(4, 7).to(torch.bfloat16).requires_grad_()
+    g = rand(4, 23)
+    proj.project({"a": a, "b": b}).backward(g)
+    mat = proj.materialize(22)
+    torch.testing.assert_close(a.grad.reshape(4, 15), g @ mat[:15].T, rtol=1e-5, atol=1e-5)
+    assert b.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(b.grad.float(), (g @ mat[15:].T).bfloat16().float())
