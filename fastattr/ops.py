@@ -10,7 +10,7 @@ import torch
 
 from .kernels import implementation
 
-__all__ = ["project", "project_transpose_rows"]
+__all__ = ["project", "project_transpose_rows", "psg_project", "psg_matmul"]
 
 # Rows of R materialised at a time by the transpose: about 4M entries (16 MiB fp32).
 TRANSPOSE_CHUNK_ENTRIES = 1 << 22
@@ -76,3 +76,60 @@ def _backward(ctx, grad):
 
 
 project.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastattr::psg_project", mutates_args=())
+def psg_project(
+    a: torch.Tensor,
+    g: torch.Tensor,
+    seg_ptr: torch.Tensor,
+    order: torch.Tensor,
+    conv: list[int],
+    has_bias: bool,
+    w_offset: int,
+    b_offset: int,
+    k: int,
+    kind: str,
+    key0: int,
+    key1: int,
+    stream: int,
+    backend: str,
+) -> torch.Tensor:
+    """Projected per-sample gradients of one layer call, ``[B, k]`` float32.
+
+    Arguments are validated by ``fastattr.psg.psg_project`` (contiguous ``a``/``g``, see its
+    layouts); ``backend`` is resolved.
+    """
+    impl = implementation(backend, "psg", "psg_project")
+    return impl(a, g, seg_ptr, order, tuple(conv), has_bias, w_offset, b_offset, k, kind,
+                (key0, key1), stream)
+
+
+@psg_project.register_fake
+def _psg_project_fake(a, g, seg_ptr, order, conv, has_bias, w_offset, b_offset, k, kind, key0,
+                      key1, stream, backend):
+    return a.new_empty((seg_ptr.shape[0] - 1, k), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastattr::psg_matmul", mutates_args=())
+def psg_matmul(
+    a: torch.Tensor,
+    g: torch.Tensor,
+    seg_ptr: torch.Tensor,
+    order: torch.Tensor,
+    conv: list[int],
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    """``<G_b, Q_j>`` for every sample b and matrix j, ``[B, q]`` float32.
+
+    Arguments are validated by ``fastattr.psg.psg_matmul``; ``backend`` is resolved.
+    """
+    impl = implementation(backend, "psg", "psg_matmul")
+    return impl(a, g, seg_ptr, order, tuple(conv), q_weight, q_bias)
+
+
+@psg_matmul.register_fake
+def _psg_matmul_fake(a, g, seg_ptr, order, conv, q_weight, q_bias, backend):
+    return a.new_empty((seg_ptr.shape[0] - 1, q_weight.shape[0]), dtype=torch.float32)
