@@ -5,7 +5,8 @@ projection, fused per-sample gradients, curvature -- behind a thin Python API.
 """
 
 from .backends import backends
+from .kronecker import KroneckerProjector
 from .projection import Projector
 
 __version__ = "0.1.0"
-__all__ = ["Projector", "backends", "__version__"]
+__all__ = ["KroneckerProjector", "Projector", "backends", "__version__"]
