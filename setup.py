@@ -66,15 +66,15 @@ cpu_ext = Pybind11Extension(
     cxx_std=17,
 )
 
-CUDA_SOURCES = [f"{CSRC}/cuda/projection.cu"]
+CUDA_SOURCES = [f"{CSRC}/cuda/projection.cu", f"{CSRC}/cuda/psg.cu"]
 cuda_ext = Pybind11Extension(
     "fastattr._cuda",
     sources=[f"{CSRC}/cuda/bindings.cpp"],
     include_dirs=[CSRC],
     # the nvcc objects are linked in as extra_objects, which setuptools' up-to-date check
     # ignores: without these an edited .cu file would be recompiled but never relinked
-    depends=[*CUDA_SOURCES, f"{CSRC}/cuda/projection.h", f"{CSRC}/philox.h",
-             f"{CSRC}/projection_types.h"],
+    depends=[*CUDA_SOURCES, f"{CSRC}/cuda/projection.h", f"{CSRC}/cuda/psg.h",
+             f"{CSRC}/philox.h", f"{CSRC}/projection_types.h"],
     extra_compile_args=["-O3"],
     cxx_std=17,
 )

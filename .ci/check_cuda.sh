@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-check the CUDA kernels without a GPU (CI): nvcc on csrc/cuda/projection.cu for each
+# Compile-check the CUDA kernels without a GPU (CI): nvcc on each csrc/cuda/*.cu for each
 # arch with warnings as errors (nvcc, host compiler and ptxas; register spills or local-memory
 # use in a kernel also fail), then the host-only bindings with g++ -Wall -Wextra -Werror.
 # Exits non-zero on the first failure. Env: NVCC (default: nvcc on PATH, else
@@ -19,24 +19,27 @@ trap 'rm -rf "$OUT"' EXIT
 "$NVCC" --version | tail -n 2
 HOST_WARN="-Wall,-Wextra,-Werror"
 status=0
-for arch in ${ARCHS//;/ }; do
-  arch="${arch#sm_}"
-  log="$OUT/sm_${arch}.log"
-  echo "== nvcc csrc/cuda/projection.cu for sm_${arch}"
-  if ! "$NVCC" -c csrc/cuda/projection.cu -o "$OUT/projection_sm${arch}.o" \
-      -O3 -std=c++17 -Icsrc --expt-relaxed-constexpr \
-      -gencode="arch=compute_${arch},code=sm_${arch}" \
-      -Werror all-warnings -Xcompiler "-fPIC,${HOST_WARN}" \
-      -Xptxas -v,-warn-spills,-warn-lmem-usage,-Werror >"$log" 2>&1; then
-    cat "$log" >&2
-    echo "check_cuda: FAILED for sm_${arch}" >&2
-    status=1
-    continue
-  fi
-  # one line per kernel: registers, shared memory, spills
-  grep -E "Compiling entry|Used [0-9]+ registers|spill" "$log" \
-    | sed -E "s/.*Compiling entry function '_ZN8fastattr4cuda[0-9]+_GLOBAL__N__[0-9a-f_]+projection_cu_[0-9a-f]+[0-9]+([a-z_]+)(ILi([0-9])ELi([0-9]+)E)?.*/  \\1<\\3,\\4>:/; s/<,>//" \
-    | paste - - - | sed -E 's/ptxas info +: //g; s/[[:space:]]+/ /g'
+for src in csrc/cuda/projection.cu csrc/cuda/psg.cu; do
+  name="$(basename "$src" .cu)"
+  for arch in ${ARCHS//;/ }; do
+    arch="${arch#sm_}"
+    log="$OUT/${name}_sm_${arch}.log"
+    echo "== nvcc ${src} for sm_${arch}"
+    if ! "$NVCC" -c "$src" -o "$OUT/${name}_sm${arch}.o" \
+        -O3 -std=c++17 -Icsrc --expt-relaxed-constexpr \
+        -gencode="arch=compute_${arch},code=sm_${arch}" \
+        -Werror all-warnings -Xcompiler "-fPIC,${HOST_WARN}" \
+        -Xptxas -v,-warn-spills,-warn-lmem-usage,-Werror >"$log" 2>&1; then
+      cat "$log" >&2
+      echo "check_cuda: ${src} FAILED for sm_${arch}" >&2
+      status=1
+      continue
+    fi
+    # one line per kernel: registers, shared memory, spills
+    grep -E "Compiling entry|Used [0-9]+ registers|spill" "$log" \
+      | sed -E "s/.*Compiling entry function '_ZN8fastattr4cuda[0-9]+_GLOBAL__N__[0-9a-f_]+${name}_cu_[0-9a-f]+[0-9]+([a-z_]+)(ILi([0-9])E(Li([0-9]+)E)?)?.*/  \\1<\\3,\\5>:/; s/<,>//; s/,>/>/" \
+      | paste - - - | sed -E 's/ptxas info +: //g; s/[[:space:]]+/ /g'
+  done
 done
 
 echo "== g++ csrc/cuda/bindings.cpp (host only: no CUDA or torch headers)"

@@ -1,9 +1,11 @@
-"""Launchers of the CUDA projection kernels in ``fastattr._cuda``.
+"""Launchers of the CUDA kernels in ``fastattr._cuda``: projection and the fused
+per-sample-gradient ops (psg_project, psg_matmul).
 
-Same signatures as ``fastattr.kernels.cpu``. Layers are passed as raw device pointers with
-their strides (nothing is copied), the work is enqueued on the current torch stream of the
-input's device, and the call returns without synchronising. The extension is built without
-torch headers, so pointers, sizes and the ``cudaStream_t`` handle cross as integers.
+Same signatures as ``fastattr.kernels.cpu`` (psg ops: as ``fastattr.reference.psg``).
+Tensors are passed as raw device pointers with their sizes and strides (nothing is copied),
+the work is enqueued on the current torch stream of the input's device, and the call returns
+without synchronising. The extension is built without torch headers, so pointers, sizes and
+the ``cudaStream_t`` handle cross as integers.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import torch
 from ..backends import load_extension
 from ..rng import projection_scale
 from . import DTYPE_CODES, KIND_CODES
-
 
 
 def _ext():
@@ -65,4 +66,85 @@ def materialize(rows: torch.Tensor, k: int, kind: str, key, stream: int) -> torc
         _ext().materialize(out.data_ptr(), rows.data_ptr(), rows.numel(), k, KIND_CODES[kind],
                            key[0], key[1], stream, projection_scale(k),
                            torch.cuda.current_stream(rows.device).cuda_stream)
+    return out
+
+
+def _check_psg_inputs(a, g, seg_ptr, order, conv, extra=()):
+    """Device of the psg call; raises where the kernel would read the wrong memory."""
+    device = a.device
+    if device.type != "cuda":
+        raise ValueError(f"the cuda backend takes CUDA tensors, got a on {device}")
+    for name, t in (("g", g), ("seg_ptr", seg_ptr), ("order", order), *extra):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, but a is on {device}")
+    for name, t in (("a", a), ("g", g), *extra):
+        if t.dtype not in DTYPE_CODES:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected float32, bfloat16 or float16")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (fastattr.psg makes it so)")
+    want = 4 if conv else 3
+    if a.dim() != want or g.dim() != want:
+        raise ValueError(f"a and g must be {want}-D for a {'conv2d' if conv else 'linear'} layer, "
+                         f"got {tuple(a.shape)} and {tuple(g.shape)}")
+    if seg_ptr.dim() != 1 or seg_ptr.numel() < 1 or order.dim() != 1 or order.numel() != a.shape[0]:
+        raise ValueError(f"segments must be seg_ptr [B + 1] and order [{a.shape[0]}], got "
+                         f"{tuple(seg_ptr.shape)} and {tuple(order.shape)}")
+    return device
+
+
+def _weight_shape(a, g, conv) -> tuple:
+    """(d_out, F) of the flattened weight gradient."""
+    if conv:
+        kh, kw, groups = conv[0], conv[1], conv[8]
+        return g.shape[1], a.shape[1] // groups * kh * kw
+    return g.shape[2], a.shape[2]
+
+
+def _segments(seg_ptr, order):
+    return seg_ptr.to(torch.int64).contiguous(), order.to(torch.int64).contiguous()
+
+
+def psg_project(a, g, seg_ptr, order, conv: tuple, has_bias: bool, w_offset: int, b_offset: int,
+                k: int, kind: str, key, stream: int) -> torch.Tensor:
+    """``[B, k]`` float32: per-sample gradients of one layer call times rows of R (see
+    ``fastattr.reference.psg.psg_project``), G_b formed on chip and never stored."""
+    device = _check_psg_inputs(a, g, seg_ptr, order, conv)
+    conv = [int(v) for v in conv]
+    with torch.cuda.device_of(a):
+        seg_ptr, order = _segments(seg_ptr, order)
+        batch = seg_ptr.numel() - 1
+        out = torch.empty(batch, k, dtype=torch.float32, device=device)
+        _ext().psg_project(out.data_ptr(), a.data_ptr(), DTYPE_CODES[a.dtype], list(a.shape),
+                           g.data_ptr(), DTYPE_CODES[g.dtype], list(g.shape), conv,
+                           seg_ptr.data_ptr(), order.data_ptr(), batch, bool(has_bias),
+                           w_offset, b_offset, k, KIND_CODES[kind], key[0], key[1], stream,
+                           projection_scale(k), torch.cuda.current_stream(device).cuda_stream)
+    return out
+
+
+def psg_matmul(a, g, seg_ptr, order, conv: tuple, q_weight, q_bias) -> torch.Tensor:
+    """``[B, q]`` float32: ``<G_b, Q_j>`` (+ ``<bias_b, q_bias_j>``), G_b never stored."""
+    extra = [("q_weight", q_weight)] + ([("q_bias", q_bias)] if q_bias is not None else [])
+    device = _check_psg_inputs(a, g, seg_ptr, order, conv, extra)
+    conv = [int(v) for v in conv]
+    # the kernel reads Q as [q, d_out * F] and q_bias as [q, d_out]: a mismatch would read
+    # out of bounds, so the sizes are checked here rather than trusted
+    d_out, features = _weight_shape(a, g, conv)
+    q = q_weight.shape[0] if q_weight.dim() else 0
+    if q_weight.dim() < 2 or q_weight.numel() != q * d_out * features:
+        raise ValueError(f"q_weight must hold [q, {d_out} * {features}] values, got "
+                         f"{tuple(q_weight.shape)}")
+    if q_bias is not None and tuple(q_bias.shape) != (q, d_out):
+        raise ValueError(f"q_bias must be [{q}, {d_out}], got {tuple(q_bias.shape)}")
+    with torch.cuda.device_of(a):
+        seg_ptr, order = _segments(seg_ptr, order)
+        batch = seg_ptr.numel() - 1
+        out = torch.empty(batch, q, dtype=torch.float32, device=device)
+        _ext().psg_matmul(out.data_ptr(), a.data_ptr(), DTYPE_CODES[a.dtype], list(a.shape),
+                          g.data_ptr(), DTYPE_CODES[g.dtype], list(g.shape), conv,
+                          seg_ptr.data_ptr(), order.data_ptr(), batch, q_weight.data_ptr(),
+                          DTYPE_CODES[q_weight.dtype], q,
+                          0 if q_bias is None else q_bias.data_ptr(),
+                          DTYPE_CODES[q_bias.dtype] if q_bias is not None else 0,
+                          torch.cuda.current_stream(device).cuda_stream)
     return out
