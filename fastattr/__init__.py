@@ -5,8 +5,20 @@ projection, fused per-sample gradients, curvature -- behind a thin Python API.
 """
 
 from .backends import backends
+from .capture import Capture, Coverage, coverage
+from .grads import per_sample_grads, projected_grads
 from .kronecker import KroneckerProjector
 from .projection import Projector
 
 __version__ = "0.1.0"
-__all__ = ["KroneckerProjector", "Projector", "backends", "__version__"]
+__all__ = [
+    "KroneckerProjector",
+    "Projector",
+    "Capture",
+    "Coverage",
+    "coverage",
+    "projected_grads",
+    "per_sample_grads",
+    "backends",
+    "__version__",
+]

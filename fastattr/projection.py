@@ -32,8 +32,9 @@ def _check_dtype(name: str, t: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _flatten_layers(x, arg: str = "x"):
-    """``x`` -> (names, 2-D views [B, p_l], offsets). A dict/list is its concatenation."""
+def _flatten_layers(x, arg: str = "x", explicit_offsets=None):
+    """``x`` -> (names, 2-D views [B, p_l], offsets). A dict/list is its concatenation,
+    unless ``explicit_offsets`` places the layers explicitly (validated here)."""
     if isinstance(x, torch.Tensor):
         if x.dim() != 2:
             raise ValueError(
@@ -77,7 +78,40 @@ def _flatten_layers(x, arg: str = "x"):
         offset += flat.shape[1]
     if offset > _MAX_INDEX:
         raise ValueError(f"{arg} has {offset} features per sample; at most 2**63 - 1 supported")
+    if explicit_offsets is not None:
+        offsets = _explicit_offsets(x, explicit_offsets, names, layers)
     return names, layers, offsets
+
+
+def _explicit_offsets(x, offsets, names, layers) -> list:
+    """Validate user ``offsets`` (one global start index per layer of ``x``) -> list of ints."""
+    if isinstance(x, torch.Tensor) and not isinstance(offsets, (Mapping, Sequence, torch.Tensor)):
+        offsets = [offsets]
+    if isinstance(offsets, Mapping):
+        if not isinstance(x, Mapping):
+            raise TypeError("offsets is a dict, so x must be a dict with the same keys")
+        if set(offsets.keys()) != set(x.keys()):
+            missing = [key for key in x if key not in offsets]
+            extra = [key for key in offsets if key not in x]
+            raise ValueError(f"offsets must have x's keys: missing {missing}, unexpected {extra}")
+        offsets = [offsets[key] for key in x]
+    elif isinstance(offsets, torch.Tensor):
+        if offsets.dim() != 1 or offsets.is_floating_point() or offsets.dtype == torch.bool:
+            raise TypeError(f"offsets must be 1-D integers, got {offsets.dtype} of shape "
+                            f"{tuple(offsets.shape)}")
+        offsets = [int(v) for v in offsets.tolist()]
+    elif not isinstance(offsets, Sequence) or isinstance(offsets, (str, bytes)):
+        raise TypeError(f"offsets must be a list of ints (one per layer of x), a dict, or an "
+                        f"int for a single tensor; got {type(offsets).__name__}")
+    if len(offsets) != len(layers):
+        raise ValueError(f"offsets has {len(offsets)} entries but x has {len(layers)} layers")
+    out = []
+    for name, off, layer in zip(names, offsets, layers):
+        off = _check_int(f"offsets for {name}", off, 0, _MAX_INDEX)
+        if off + layer.shape[1] > _MAX_INDEX + 1:
+            raise ValueError(f"{name} at offset {off} ends past input index 2**63 - 1")
+        out.append(off)
+    return out
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> int:
@@ -180,7 +214,7 @@ class Projector:
         device = torch.device(device)
         return _resolve_backend(self.backend, device.type, device.index)
 
-    def project(self, x) -> torch.Tensor:
+    def project(self, x, offsets=None) -> torch.Tensor:
         """Project ``x`` -> ``Tensor[B, k]`` float32 on ``x``'s device.
 
         ``x`` is a ``Tensor[B, p]`` or a dict / list of per-layer tensors ``[B, ...]``,
@@ -188,8 +222,23 @@ class Projector:
         ``l`` occupies input indices ``[off_l, off_l + p_l)``; nothing is concatenated in
         memory). fp32, bf16 and fp16 inputs are accumulated in fp32; strided inputs are
         accepted as they are.
+
+        ``offsets`` places the layers explicitly instead: the global input index of each
+        layer's first element -- one int per layer in ``x``'s order (a list, or a dict with
+        ``x``'s keys when ``x`` is a dict; an int when ``x`` is a single tensor). The result
+        is the projection of a longer flat vector holding layer ``l`` at
+        ``[offsets[l], offsets[l] + p_l)`` and zeros elsewhere, so the parameters of one
+        model can be projected in separate calls (and the results summed). Overlapping
+        ranges add.
+
+        Example::
+
+            full = proj.project({"w1": g1, "b1": gb1, "w2": g2})
+            part = proj.project({"w2": g2}, offsets=[g1[0].numel() + gb1[0].numel()])
+            rest = proj.project({"w1": g1, "b1": gb1})
+            # full == part + rest (up to fp32 rounding)
         """
-        names, layers, offsets = _flatten_layers(x)
+        names, layers, offsets = _flatten_layers(x, explicit_offsets=offsets)
         if self.check_finite:
             for name, layer in zip(names, layers):
                 if not bool(torch.isfinite(layer).all()):
