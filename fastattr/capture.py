@@ -13,6 +13,13 @@ gradient of a layer at row r is exactly the gradient of row r's own value (as lo
 model does not mix rows -- batch-norm in train mode does, and is refused). ``Segments`` then
 group rows into samples (K timesteps of one image -> one sample), whose gradients sum.
 
+Limits: the model must not mix rows (batch-norm with batch statistics is refused; other
+cross-row operations cannot be detected and give wrong per-sample gradients); a captured layer
+must see the rows as its leading dim (refused otherwise, naming the module); non-reentrant
+gradient checkpointing works for the captured layers, but torch.func cannot differentiate
+through checkpointing, nor reproduce dropout -- call ``model.eval()`` or exclude those
+parameters.
+
 ``coverage(model, params)`` says, before anything runs, how every selected parameter is
 handled::
 

@@ -92,6 +92,13 @@ def _func_row_grads(model, output_fn, batch, names: list, n: int, chunk_size=Non
                 "the model draws random numbers (dropout in train mode?) inside output_fn; the "
                 "torch.func part of the per-sample gradients cannot reproduce them. Call "
                 f"model.eval(), or exclude the torch.func parameters ({exc})") from exc
+        if "saved tensor hooks" in str(exc):
+            raise RuntimeError(
+                "torch.func cannot differentiate through gradient checkpointing, which the "
+                "torch.func parameters here need (see fastattr.coverage). Disable "
+                "checkpointing, or exclude those parameters with the params filter: the "
+                f"captured Linear / Conv2d layers work with non-reentrant checkpointing ({exc})"
+            ) from exc
         raise
     return {name: per_row[f"model.{name}"] for name in names}
 

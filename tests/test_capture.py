@@ -305,3 +305,29 @@ def test_capture_is_single_use():
 
 def test_exports():
     assert fastattr.Capture is Capture and fastattr.coverage is coverage
+
+
+def test_non_reentrant_checkpointing_is_captured():
+    """The output hooks sit on the original graph; the recomputation inside the backward
+    is not recorded a second time."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            h = checkpoint(lambda h: torch.tanh(self.b(h)), h, use_reentrant=False)
+            return self.c(h)
+
+    model = Ckpt()
+    x = torch.randn(5, 4)
+    expected = torch.autograd.grad(model(x).pow(2).sum(), list(model.parameters()))
+    with Capture(model) as cap:
+        cap.backward(model(x).pow(2).sum(1))
+    assert [len(cap.layers[m]) for m in ("a", "b", "c")] == [1, 1, 1]
+    got = grads_from_records(cap, 5)
+    for (name, _), exp in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(got[name], exp, rtol=1e-5, atol=1e-6)
