@@ -4,16 +4,20 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <tuple>
 #include <vector>
 
 #include "cpu/projection.h"
+#include "cpu/psg.h"
 #include "philox.h"
 
 namespace py = pybind11;
 using fastattr::cpu::Layer;
 using fastattr::cpu::MatrixSpec;
+using fastattr::cpu::PsgLayer;
+using fastattr::cpu::PsgQuery;
 
 namespace {
 
@@ -53,6 +57,109 @@ void materialize(uintptr_t out, uintptr_t rows, int64_t n, int64_t k, int kind, 
                              n, spec, threads);
 }
 
+// A PsgLayer from the tensors' pointers and shapes (contiguous), checked so that no index the
+// kernel forms can leave them: shapes agree, the convolution fits, segments are a CSR
+// grouping of the rows (seg_ptr from 0 to n_rows, non-decreasing; order a permutation).
+PsgLayer make_psg_layer(uintptr_t a, int a_dtype, const std::vector<int64_t>& a_shape, uintptr_t g,
+                        int g_dtype, const std::vector<int64_t>& g_shape,
+                        const std::vector<int64_t>& conv, uintptr_t seg_ptr, uintptr_t order,
+                        int64_t batch) {
+  if (a_dtype < 0 || a_dtype > 2 || g_dtype < 0 || g_dtype > 2)
+    throw std::invalid_argument("a and g dtype codes must be 0, 1 or 2");
+  PsgLayer l{};
+  l.a = reinterpret_cast<const void*>(a);
+  l.g = reinterpret_cast<const void*>(g);
+  l.a_dtype = a_dtype;
+  l.g_dtype = g_dtype;
+  if (conv.empty()) {
+    if (a_shape.size() != 3 || g_shape.size() != 3 || a_shape[0] != g_shape[0] ||
+        a_shape[1] != g_shape[1])
+      throw std::invalid_argument("a linear layer takes a [N, T, d_in] and g [N, T, d_out]");
+    l.conv = 0;
+    l.n_rows = a_shape[0];
+    l.d_in = a_shape[2];
+    l.d_out = g_shape[2];
+    l.h = l.h_out = a_shape[1];  // tokens are the positions
+    l.w = l.w_out = 1;
+    l.kh = l.kw = l.sh = l.sw = l.dh = l.dw = l.groups = 1;
+    l.ph = l.pw = 0;
+  } else {
+    if (conv.size() != 9)
+      throw std::invalid_argument("conv must be 9 ints (kh, kw, sh, sw, ph, pw, dh, dw, groups)");
+    if (a_shape.size() != 4 || g_shape.size() != 4 || a_shape[0] != g_shape[0])
+      throw std::invalid_argument("a conv2d layer takes NCHW a and g with the same N");
+    l.conv = 1;
+    l.kh = conv[0], l.kw = conv[1], l.sh = conv[2], l.sw = conv[3], l.ph = conv[4], l.pw = conv[5];
+    l.dh = conv[6], l.dw = conv[7], l.groups = conv[8];
+    if (std::min({l.kh, l.kw, l.sh, l.sw, l.dh, l.dw, l.groups}) < 1 || std::min(l.ph, l.pw) < 0)
+      throw std::invalid_argument(
+          "conv sizes, strides, dilations and groups must be >= 1, padding >= 0");
+    l.n_rows = a_shape[0];
+    l.d_in = a_shape[1];
+    l.h = a_shape[2];
+    l.w = a_shape[3];
+    l.d_out = g_shape[1];
+    l.h_out = g_shape[2];
+    l.w_out = g_shape[3];
+    if (l.d_in % l.groups || l.d_out % l.groups)
+      throw std::invalid_argument("conv channels are not divisible by groups");
+    const int64_t h_out = (l.h + 2 * l.ph - l.dh * (l.kh - 1) - 1) / l.sh + 1;
+    const int64_t w_out = (l.w + 2 * l.pw - l.dw * (l.kw - 1) - 1) / l.sw + 1;
+    if (h_out != l.h_out || w_out != l.w_out)
+      throw std::invalid_argument("g's output positions do not match the convolution of a");
+  }
+  if (l.d_in < 1 || l.d_out < 1) throw std::invalid_argument("a and g need >= 1 channel");
+  if (batch < 0) throw std::invalid_argument("the number of segments must be >= 0");
+  const int64_t* sp = reinterpret_cast<const int64_t*>(seg_ptr);
+  const int64_t* ord = reinterpret_cast<const int64_t*>(order);
+  if (sp[0] != 0 || sp[batch] != l.n_rows)
+    throw std::invalid_argument("seg_ptr must start at 0 and end at the number of rows");
+  for (int64_t b = 0; b < batch; ++b)
+    if (sp[b + 1] < sp[b]) throw std::invalid_argument("seg_ptr must be non-decreasing");
+  std::vector<char> seen((size_t)l.n_rows, 0);
+  for (int64_t i = 0; i < l.n_rows; ++i) {
+    if (ord[i] < 0 || ord[i] >= l.n_rows || seen[(size_t)ord[i]])
+      throw std::invalid_argument("order must be a permutation of the rows");
+    seen[(size_t)ord[i]] = 1;
+  }
+  l.seg_ptr = sp;
+  l.order = ord;
+  l.batch = batch;
+  return l;
+}
+
+void psg_project(uintptr_t out, uintptr_t a, int a_dtype, const std::vector<int64_t>& a_shape,
+                 uintptr_t g, int g_dtype, const std::vector<int64_t>& g_shape,
+                 const std::vector<int64_t>& conv, uintptr_t seg_ptr, uintptr_t order,
+                 int64_t batch, bool has_bias, int64_t w_offset, int64_t b_offset, int64_t k,
+                 int kind, uint32_t key0, uint32_t key1, uint32_t stream, float scale,
+                 int threads) {
+  const MatrixSpec spec = make_spec(k, kind, key0, key1, stream, scale);
+  const PsgLayer l =
+      make_psg_layer(a, a_dtype, a_shape, g, g_dtype, g_shape, conv, seg_ptr, order, batch);
+  if (w_offset < 0 || b_offset < 0) throw std::invalid_argument("offsets must be >= 0");
+  py::gil_scoped_release release;
+  fastattr::cpu::psg_project(reinterpret_cast<float*>(out), l, has_bias, w_offset, b_offset, spec,
+                             threads);
+}
+
+void psg_matmul(uintptr_t out, uintptr_t a, int a_dtype, const std::vector<int64_t>& a_shape,
+                uintptr_t g, int g_dtype, const std::vector<int64_t>& g_shape,
+                const std::vector<int64_t>& conv, uintptr_t seg_ptr, uintptr_t order,
+                int64_t batch, uintptr_t q_weight, int q_weight_dtype, int64_t q,
+                uintptr_t q_bias, int q_bias_dtype, int threads) {
+  const PsgLayer l =
+      make_psg_layer(a, a_dtype, a_shape, g, g_dtype, g_shape, conv, seg_ptr, order, batch);
+  if (q < 1) throw std::invalid_argument("q must be >= 1");
+  if (q_weight_dtype < 0 || q_weight_dtype > 2 ||
+      (q_bias && (q_bias_dtype < 0 || q_bias_dtype > 2)))
+    throw std::invalid_argument("q_weight / q_bias dtype codes must be 0, 1 or 2");
+  const PsgQuery query{reinterpret_cast<const void*>(q_weight), q_weight_dtype,
+                       reinterpret_cast<const void*>(q_bias), q_bias_dtype, q};
+  py::gil_scoped_release release;
+  fastattr::cpu::psg_matmul(reinterpret_cast<float*>(out), l, query, threads);
+}
+
 py::tuple philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   uint32_t w[4];
   fastattr::philox4x32_10(c0, c1, c2, c3, k0, k1, w);
@@ -76,4 +183,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("philox_key", &fastattr::philox_key, "64-bit Philox key of (seed, ensemble_id)");
   m.def("project", &project, "y[B,k] = sum_l x_l @ R[off_l:off_l+p_l] (raw pointers)");
   m.def("materialize", &materialize, "rows of R into a float32 [n, k] buffer (raw pointers)");
+  m.def("psg_project", &psg_project,
+        "y[B,k] = per-sample weight (+ bias) gradients of one layer @ R at their offsets, fused "
+        "(raw pointers; contiguous a, g, seg_ptr, order)");
+  m.def("psg_matmul", &psg_matmul,
+        "y[B,q] = <G_b, Q_j> (+ <bias_b, Qbias_j>) for one layer, fused (raw pointers; "
+        "contiguous inputs; q_bias 0 when absent)");
 }

@@ -1,7 +1,9 @@
-"""Launchers of the C++/OpenMP projection kernels in ``fastattr._C``.
+"""Launchers of the C++/OpenMP kernels in ``fastattr._C``: projection and fused per-sample
+gradients.
 
-Layers are passed as raw pointers with their strides; nothing is copied unless a layer's
-dtype needs converting (float64 is converted by the caller).
+Tensors are passed as raw pointers with their shapes / strides; nothing is copied unless a
+layout or dtype needs converting (float64 is converted by the caller). The extension checks
+shapes and segments again before it releases the GIL, so a bad call raises, never crashes.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import torch
 from ..backends import load_extension
 from ..rng import projection_scale
 from . import DTYPE_CODES, KIND_CODES
-
-
 
 def _ext():
     mod, err = load_extension("_C")
@@ -40,4 +40,55 @@ def materialize(rows: torch.Tensor, k: int, kind: str, key, stream: int) -> torc
     out = torch.empty(rows.numel(), k, dtype=torch.float32)
     _ext().materialize(out.data_ptr(), rows.data_ptr(), rows.numel(), k, KIND_CODES[kind],
                        key[0], key[1], stream, projection_scale(k), torch.get_num_threads())
+    return out
+
+
+def _psg_layer_args(a, g, seg_ptr, order, conv) -> tuple:
+    """The layer and segment arguments of ``_C.psg_project`` / ``_C.psg_matmul``, and the
+    (possibly converted) tensors they point into: the caller holds those until the call ends.
+    """
+    for name, t in (("a", a), ("g", g), ("seg_ptr", seg_ptr), ("order", order)):
+        if t.device.type != "cpu":
+            raise ValueError(f"the cpu psg kernels take CPU tensors, got {name} on {t.device}")
+    a, g = a.contiguous(), g.contiguous()
+    seg_ptr = seg_ptr.to(torch.int64).contiguous()
+    order = order.to(torch.int64).contiguous()
+    args = (a.data_ptr(), DTYPE_CODES[a.dtype], list(a.shape), g.data_ptr(), DTYPE_CODES[g.dtype],
+            list(g.shape), [int(v) for v in conv], seg_ptr.data_ptr(), order.data_ptr(),
+            seg_ptr.numel() - 1)
+    return args, (a, g, seg_ptr, order)
+
+
+def psg_project(a, g, seg_ptr, order, conv: tuple, has_bias: bool, w_offset: int, b_offset: int,
+                k: int, kind: str, key, stream: int) -> torch.Tensor:
+    """``[B, k]`` float32: per-sample gradients of one layer call times R, fused (see
+    ``fastattr.reference.psg.psg_project``)."""
+    args, _tensors = _psg_layer_args(a, g, seg_ptr, order, conv)
+    out = torch.empty(args[-1], k, dtype=torch.float32)
+    _ext().psg_project(out.data_ptr(), *args, bool(has_bias), int(w_offset), int(b_offset), k,
+                       KIND_CODES[kind], key[0], key[1], stream, projection_scale(k),
+                       torch.get_num_threads())
+    return out
+
+
+def psg_matmul(a, g, seg_ptr, order, conv: tuple, q_weight, q_bias) -> torch.Tensor:
+    """``[B, q]`` float32: ``<G_b, Q_j>`` (+ ``<bias_b, q_bias_j>``), fused (see
+    ``fastattr.reference.psg.psg_matmul``)."""
+    args, _tensors = _psg_layer_args(a, g, seg_ptr, order, conv)
+    q = q_weight.shape[0]
+    q_weight = q_weight.contiguous()
+    d_out = g.shape[1] if conv else g.shape[2]
+    features = (a.shape[1] // conv[8] * conv[0] * conv[1]) if conv else a.shape[2]
+    if q_weight.numel() != q * d_out * features:
+        raise ValueError(f"q_weight has {q_weight.numel()} entries, expected q * d_out * F = "
+                         f"{q} * {d_out} * {features}")
+    if q_bias is not None:
+        q_bias = q_bias.contiguous()
+        if tuple(q_bias.shape) != (q, d_out):
+            raise ValueError(f"q_bias must be [{q}, {d_out}], got {tuple(q_bias.shape)}")
+    out = torch.empty(args[-1], q, dtype=torch.float32)
+    _ext().psg_matmul(out.data_ptr(), *args, q_weight.data_ptr(), DTYPE_CODES[q_weight.dtype], q,
+                      0 if q_bias is None else q_bias.data_ptr(),
+                      DTYPE_CODES[torch.float32 if q_bias is None else q_bias.dtype],
+                      torch.get_num_threads())
     return out
