@@ -36,3 +36,25 @@ def test_bench_projection_quick_writes_json(tmp_path):
     assert all(row.get("reason") for row in data["rows"] if row["status"] != "ok")
     # written atomically: no temp file left beside the result
     assert sorted(p.name for p in out.parent.iterdir()) == ["bench.json"]
+
+
+PSG_SCRIPT = os.path.join(ROOT, "benchmarks", "bench_psg.py")
+
+
+def test_bench_psg_quick_writes_json(tmp_path):
+    """bench_psg --quick runs each method in its own process and records time and memory."""
+    out = tmp_path / "psg.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, PSG_SCRIPT, "--quick", "--methods",
+                          "fastattr-dense,fastattr-kron,vmap+projector", "--json", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {r["method"] for r in rows} == {"fastattr-dense", "fastattr-kron", "vmap+projector"}
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["median_s"] > 0 and row["peak_mem_mib"] >= 0
+    dense = [r for r in rows if r["method"] == "fastattr-dense"]
+    assert all(r["k_out"] == 64 and "x_vmap_time" in r for r in dense)
+    assert data["machine"]["diffusers"]
