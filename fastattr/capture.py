@@ -3,9 +3,12 @@
 For an ``nn.Linear`` or ``nn.Conv2d`` the per-sample weight gradient is ``G_b = sum_r g_r a_r^T``
 over the rows r of sample b, so ``a`` (recorded by a forward hook) and ``g`` (recorded by a
 tensor hook on the layer's output) are all the fused kernels of ``fastattr.psg`` need; the
-gradient itself is never formed. Every other selected parameter (GroupNorm / LayerNorm
-affines, embeddings, Linear / Conv2d layers whose forward cannot be captured) gets its
-per-sample gradient from ``torch.func`` (``functional_call`` + ``vmap(grad)`` over rows).
+gradient itself is never formed. ``nn.GroupNorm`` / ``nn.LayerNorm`` affines are captured the
+same way (input ``x``, output gradient ``g``; a ``NormIO`` record): their per-row gradients
+``sum g * x_hat`` (weight) and ``sum g`` (bias) are small and formed directly, with ``x_hat``
+recomputed from ``x``. Every other selected parameter (embeddings, bare parameters, modules
+whose forward cannot be captured) gets its per-sample gradient from ``torch.func``
+(``functional_call`` + ``vmap(grad)`` over rows), which re-runs the model.
 
 Rows and samples. The batch's leading dimension N is the *row* dimension: ``output_fn``
 returns one value per row (``Tensor[N]``); they are summed before the backward, so the output
@@ -29,11 +32,11 @@ handled::
     conv_in.bias                              (32,)          conv2d
     time_embedding.linear_1.weight            (128, 32)      linear
     ...
-    down_blocks.0.resnets.0.norm1.weight      (32,)          torch.func  GroupNorm
+    down_blocks.0.resnets.0.norm1.weight      (32,)          groupnorm
     ...
     conv2d: 50 parameters, 557825 of 701345 elements (79.5%)
     linear: 52 parameters, 140960 of 701345 elements (20.1%)
-    torch.func: 42 parameters, 2560 of 701345 elements (0.4%)
+    groupnorm: 42 parameters, 2560 of 701345 elements (0.4%)
 """
 
 from __future__ import annotations
@@ -47,9 +50,12 @@ from torch import nn
 
 from .psg import LayerIO, Segments
 
-__all__ = ["Capture", "Coverage", "ParamPlan", "coverage", "select_params", "make_segments"]
+__all__ = ["Capture", "Coverage", "NormIO", "ParamPlan", "coverage", "select_params",
+           "make_segments"]
 
 LINEAR, CONV2D, FUNC = "linear", "conv2d", "torch.func"
+GROUPNORM, LAYERNORM = "groupnorm", "layernorm"
+NORMS = (GROUPNORM, LAYERNORM)
 
 
 # ------------------------------------------------------------------------ parameter selection
@@ -136,6 +142,14 @@ def _module_kind(module: nn.Module):
         if _conv_padding(module) is None:
             return None, "Conv2d padding='same' is asymmetric here (even dilation*(k-1) needed)"
         return CONV2D, ""
+    if isinstance(module, nn.GroupNorm):
+        if type(module).forward is not nn.GroupNorm.forward:
+            return None, f"{name} overrides GroupNorm.forward"
+        return GROUPNORM, ""
+    if isinstance(module, nn.LayerNorm):
+        if type(module).forward is not nn.LayerNorm.forward:
+            return None, f"{name} overrides LayerNorm.forward"
+        return LAYERNORM, ""
     return None, name
 
 
@@ -144,8 +158,11 @@ class ParamPlan:
     """How one selected parameter gets its per-sample gradient.
 
     ``method`` is "linear" or "conv2d" (fused kernels on captured ``a`` / ``g`` of module
-    ``module``, whose ``role`` -- "weight" or "bias" -- it is) or "torch.func"; ``note``
-    says why a parameter falls back to torch.func.
+    ``module``, whose ``role`` -- "weight" or "bias" -- it is), "groupnorm" or "layernorm"
+    (per-row affine gradients from the captured input / output gradient) or "torch.func";
+    ``note`` says why a parameter falls back to torch.func. A captured norm that turns out
+    to be used without calling it (``F.group_norm(x, g, norm.weight)``) falls back to
+    torch.func at run time.
     """
 
     name: str
@@ -256,14 +273,15 @@ def _plan(model: nn.Module, selected: dict) -> Coverage:
         if kinds and all(k is not None for k in kinds) and len(set(kinds)) == 1:
             method, note = kinds[0], ""
         elif len(users) > 1 and all(k is not None for k in kinds):
-            note = "shared by a Linear and a Conv2d"
+            note = "shared by modules of different kinds (" + ", ".join(sorted(set(kinds))) + ")"
         plans.append(ParamPlan(name, tuple(p.shape), method, mname, attr, note))
     return Coverage(plans)
 
 
 def coverage(model: nn.Module, params=None) -> Coverage:
     """How each selected parameter's per-sample gradient is computed: a ``Coverage``
-    mapping ``name -> "linear" | "conv2d" | "torch.func"`` (printable as a table).
+    mapping ``name -> "linear" | "conv2d" | "groupnorm" | "layernorm" | "torch.func"``
+    (printable as a table).
 
     ``params`` selects parameters as in ``select_params`` (None: all trainable).
 
@@ -330,11 +348,60 @@ def check_no_row_mixing(model: nn.Module):
                     "GroupNorm / LayerNorm")
 
 
+# ----------------------------------------------------------------------------- norm records
+
+
+@dataclass(frozen=True)
+class NormIO:
+    """One call of an ``nn.GroupNorm`` / ``nn.LayerNorm``: its input ``x``, output gradient
+    ``g`` (same shape) and geometry.
+
+    ``kind`` is "groupnorm" (``x [N, C, *]``, ``shape = (num_groups,)``, channel dim 1) or
+    "layernorm" (``x [N, ..., *normalized_shape]``, ``shape = normalized_shape``).
+    """
+
+    x: torch.Tensor
+    g: torch.Tensor
+    kind: str
+    shape: tuple
+    eps: float
+
+    def x_hat(self) -> torch.Tensor:
+        """The normalised input, recomputed from ``x`` in fp32 (biased variance)."""
+        x = self.x.to(torch.float32)
+        n = x.shape[0]
+        if self.kind == GROUPNORM:
+            xs = x.reshape(n, self.shape[0], -1)
+            dims = (2,)
+        else:
+            dims = tuple(range(x.dim() - len(self.shape), x.dim()))
+            xs = x
+        var, mean = torch.var_mean(xs, dim=dims, keepdim=True, correction=0)
+        return ((xs - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+
+    def row_grads(self, weight: bool = True, bias: bool = True):
+        """Per-row affine gradients ``(weight [N, *pshape] or None, bias [N, *pshape] or
+        None)`` (fp32): sums over every non-channel position of ``g * x_hat`` and ``g``."""
+        g = self.g.to(torch.float32)
+        n = g.shape[0]
+        if self.kind == GROUPNORM:
+            def reduce(t):
+                return t.reshape(n, t.shape[1], -1).sum(2)
+        else:
+            def reduce(t):
+                return t.reshape(n, -1, *self.shape).sum(1)
+        w = reduce(g * self.x_hat()) if weight else None
+        b = reduce(g) if bias else None
+        return w, b
+
+
 # ------------------------------------------------------------------------------ the capture
 
 
 class _Call:
-    """One captured call of a module: its input ``a`` and, after the backward, ``g``."""
+    """One captured call of a module: its input ``a`` and, after the backward, ``g``.
+    ``conv`` holds the geometry: the conv tuple of ``LayerIO``, or ``(shape, eps)`` of a
+    norm (``NormIO``)."""
 
     __slots__ = ("module_name", "module", "kind", "a", "out", "version", "g", "conv", "done")
 
@@ -345,7 +412,8 @@ class _Call:
 
 
 class Capture:
-    """Context manager recording ``LayerIO(a, g)`` of every call of the captured modules.
+    """Context manager recording ``LayerIO(a, g)`` of every call of the captured modules
+    (``NormIO(x, g, ...)`` for a GroupNorm / LayerNorm).
 
     Args:
         model: any ``nn.Module``.
@@ -360,9 +428,11 @@ class Capture:
     are switched on for the duration of the block. No ``.grad`` is written: the backward
     only goes as far as the captured outputs.
 
-    Attributes after ``backward``: ``layers`` ``{module name: [LayerIO, ...]}`` (one per call
-    the loss reaches, in call order; the gradients of several calls sum), ``plan``
-    (``Coverage``), ``num_rows`` (N).
+    Attributes after ``backward``: ``layers`` ``{module name: [LayerIO | NormIO, ...]}``
+    (one per call the loss reaches, in call order; the gradients of several calls sum),
+    ``plan`` (``Coverage``), ``num_rows`` (N), ``fallback`` (names of selected norm
+    parameters whose module was never called although they have a gradient -- used
+    functionally: their per-sample gradients must come from torch.func).
 
     Example::
 
@@ -371,7 +441,7 @@ class Capture:
         offsets, seg = cap.plan.offsets(), Segments.identity(cap.num_rows)
         for module_name, calls in cap.layers.items():
             roles = cap.roles[module_name]                 # {"weight": name, "bias": name}
-            for layer in calls:                            # assumes weight and bias selected
+            for layer in calls:                            # LayerIO (norms give NormIO)
                 feats += psg_project(layer, seg, proj, offsets[roles["weight"]],
                                      offsets[roles["bias"]])
     """
@@ -383,6 +453,7 @@ class Capture:
         self.on_layer = on_layer
         self.layers: dict = {}
         self.num_rows = None
+        self.fallback: list = []
         self._calls: list = []
         self._handles: list = []
         self._frozen: list = []
@@ -441,6 +512,10 @@ class Capture:
                 ph, pw = _conv_padding(module)
                 conv = (*module.kernel_size, *module.stride, ph, pw, *module.dilation,
                         module.groups)
+            elif kind == GROUPNORM:
+                conv = ((module.num_groups,), float(module.eps))
+            elif kind == LAYERNORM:
+                conv = (tuple(module.normalized_shape), float(module.eps))
             call = _Call(mname, module, kind, a.detach(), out, conv)
             index = len(self._calls)
             self._calls.append(call)
@@ -465,10 +540,21 @@ class Capture:
 
         return hook
 
-    def _layer(self, call: _Call, n: int) -> LayerIO:
-        """The call's ``LayerIO`` in the psg layout, checked against the N rows."""
+    def _layer(self, call: _Call, n: int):
+        """The call's ``LayerIO`` in the psg layout (``NormIO`` for a norm), checked against
+        the N rows."""
         a, g = call.a, call.g
         where = f"module {call.module_name} ({type(call.module).__name__})"
+        if call.kind in NORMS:
+            shape, eps = call.conv
+            lead = 2 if call.kind == GROUPNORM else len(shape) + 1
+            if a.dim() < lead or a.shape[0] != n:
+                raise ValueError(f"{where} got an input of shape {tuple(a.shape)} whose leading "
+                                 f"dim is not the batch's N={n} rows. Keep the rows leading or "
+                                 "exclude its parameters with the params filter")
+            if g is None:
+                return None
+            return NormIO(a, g, call.kind, shape, eps)
         if call.kind == CONV2D:
             if a.dim() != 4 or a.shape[0] != n:
                 raise ValueError(f"{where} got an input of shape {tuple(a.shape)}; expected "
@@ -516,17 +602,27 @@ class Capture:
         # unused, wrong when its parameters are used without calling it (F.linear(x,
         # mod.weight)). Asking for those parameters' gradients in the same backward tells
         # the two apart at the cost of one small weight-gradient per such module.
+        # A norm used that way falls back to torch.func (unless its parameters are shared
+        # with a norm that was called: those are captured there).
         called = {id(c.module) for c in self._calls}
-        silent = [(mname, p) for key, (mname, module, _) in self._modules.items()
+        called_params = {id(p) for c in self._calls
+                         for p in (getattr(c.module, "weight", None),
+                                   getattr(c.module, "bias", None)) if p is not None}
+        silent = [(mname, p, kind) for key, (mname, module, kind) in self._modules.items()
                   if key not in called
                   for p in (getattr(module, "weight", None), getattr(module, "bias", None))
-                  if p is not None and p.requires_grad]
-        targets += [p for _, p in silent]
+                  if p is not None and p.requires_grad
+                  and not (kind in NORMS and id(p) in called_params)]
+        targets += [p for _, p, _ in silent]
         self._state = "backward"
         if targets and out.requires_grad:
             grads = torch.autograd.grad(out.sum(), targets, allow_unused=True)
-            for (mname, _), grad in zip(silent, grads[len(targets) - len(silent):]):
-                if grad is not None:
+            selected = {id(p): name for name, p in self.selected.items()}
+            for (mname, p, kind), grad in zip(silent, grads[len(targets) - len(silent):]):
+                if grad is not None and kind in NORMS:
+                    if id(p) in selected and selected[id(p)] not in self.fallback:
+                        self.fallback.append(selected[id(p)])
+                elif grad is not None:
                     raise ValueError(
                         f"module {mname} was never called, yet its parameters have a gradient: "
                         "they are used without calling the module (e.g. F.linear(x, "

@@ -8,6 +8,9 @@ forming them:
 - ``nn.Linear`` / ``nn.Conv2d`` parameters from the captured layer inputs ``a`` and output
   gradients ``g`` of one forward/backward of the N rows, by the fused kernels
   (``fastattr.psg.psg_project``), one layer call at a time inside the backward;
+- ``nn.GroupNorm`` / ``nn.LayerNorm`` affines from the same capture: per-row gradients
+  ``sum g * x_hat`` / ``sum g`` (``x_hat`` recomputed from the recorded input), segment-summed
+  per call and projected densely at their offsets in one call at the end;
 - every other selected parameter by ``torch.func`` (``functional_call`` + ``vmap(grad)``
   over rows), segment-summed and projected at its offset.
 
@@ -19,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .capture import FUNC, Capture, _plan, check_row_outputs, make_segments, select_params
+from .capture import (FUNC, Capture, NormIO, _plan, check_row_outputs, make_segments,
+                      select_params)
 from .psg import LayerIO, Segments, psg_project
 from .reference import psg as ref_psg
 
@@ -40,6 +44,18 @@ def _bias_rows(layer: LayerIO) -> torch.Tensor:
     """Per-row bias gradient ``[N, d_out]``: the output gradient summed over positions."""
     g = layer.g.to(torch.float32)
     return g.sum(dim=(2, 3)) if layer.is_conv else g.sum(dim=1)
+
+
+def _norm_grads(roles: dict, layer: NormIO, seg: Segments) -> dict:
+    """Per-sample gradients ``{name: [B, *shape]}`` of a norm call's selected affines."""
+    w, b = roles.get("weight"), roles.get("bias")
+    weight, bias = layer.row_grads(weight=w is not None, bias=b is not None)
+    out = {}
+    if w is not None:
+        out[w] = _segment_sum(weight, seg)
+    if b is not None:
+        out[b] = _segment_sum(bias, seg)
+    return out
 
 
 class _BoundOutput(nn.Module):
@@ -144,7 +160,8 @@ class _Run:
             if cap.captured_modules:
                 cap.backward(out)
         del out
-        func_names = [n for n, m in self.plan.items() if m == FUNC]
+        fallback = set(cap.fallback)  # norms used without calling them
+        func_names = [n for n, m in self.plan.items() if m == FUNC or n in fallback]
         self.func_grads = {}
         if func_names:
             rows = _func_row_grads(model, output_fn, batch, func_names, self.num_rows,
@@ -181,7 +198,8 @@ def projected_grads(model: nn.Module, output_fn, batch, projector, params=None, 
         func_chunk_size: rows per ``vmap`` chunk of the torch.func part (memory bound).
 
     Linear / Conv2d parameters are computed by the fused kernels of ``projector``'s backend
-    from the captured layer inputs / output gradients; the others by torch.func (see
+    from the captured layer inputs / output gradients; GroupNorm / LayerNorm affines from
+    the same capture (formed per sample, projected densely); the others by torch.func (see
     ``fastattr.coverage``).
 
     Example::
@@ -209,6 +227,12 @@ def projected_grads(model: nn.Module, output_fn, batch, projector, params=None, 
 
     def on_layer(roles, layer, seg):
         offsets, cols = plan_box["offsets"], plan_box["cols"]
+        if isinstance(layer, NormIO):
+            # small: accumulated per sample, projected with the other dense leftovers
+            for name, rows in _norm_grads(roles, layer, seg).items():
+                dense = state["bias"]
+                dense[name] = dense[name] + rows if name in dense else rows
+            return
         w, b = roles.get("weight"), roles.get("bias")
         if w is None:
             # bias selected without the weight: its gradient is the summed g, projected
@@ -282,6 +306,10 @@ def per_sample_grads(model: nn.Module, output_fn, batch, params=None, segments=N
         acc[name] = acc[name] + value if name in acc else value
 
     def on_layer(roles, layer, seg):
+        if isinstance(layer, NormIO):
+            for name, rows in _norm_grads(roles, layer, seg).items():
+                put(name, rows.reshape(rows.shape[0], *model_params[name].shape))
+            return
         w, b = roles.get("weight"), roles.get("bias")
         if w is None:
             put(b, _segment_sum(_bias_rows(layer), seg))

@@ -1,8 +1,9 @@
 """fastattr.capture: which parameters are captured, what is recorded, and the refusals.
 
 - ``coverage`` plans Linear / Conv2d (stride, padding incl. 'same'/'valid', dilation, groups,
-  bias or not) as fused, and everything else -- norms, reflect-padded or asymmetric convs,
-  Linear subclasses with their own forward, MultiheadAttention's out_proj -- as torch.func;
+  bias or not) as fused, GroupNorm / LayerNorm as "groupnorm" / "layernorm", and everything
+  else -- reflect-padded or asymmetric convs, Linear / norm subclasses with their own
+  forward, MultiheadAttention's out_proj -- as torch.func;
 - ``Capture`` records one ``LayerIO`` per call with the output gradient of the per-row sum
   (a shared module gives one record per call), whose per-row gradients sum to autograd's;
 - bad inputs raise clear errors naming the culprit.
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 import fastattr
-from fastattr.capture import Capture, coverage, make_segments, select_params
+from fastattr.capture import Capture, NormIO, coverage, make_segments, select_params
 from fastattr.psg import Segments
 from fastattr.reference import psg as ref
 
@@ -56,6 +57,16 @@ class OwnForward(nn.Linear):
         return super().forward(x) * 2
 
 
+class OwnGroupNorm(nn.GroupNorm):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class OwnLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
 def row_sq(model, batch):
     x, y = batch
     return (model(x) - y).pow(2).flatten(1).sum(1)
@@ -78,7 +89,7 @@ def test_coverage_conv_geometries_and_fallbacks():
     assert cov["0.weight"] == "conv2d" and cov["0.bias"] == "conv2d"
     assert cov["1.weight"] == "torch.func" and "asymmetric" in cov.plans["1.weight"].note
     assert cov["2.weight"] == "torch.func" and "reflect" in cov.plans["2.weight"].note
-    assert cov["3.weight"] == "torch.func" and cov.plans["3.weight"].note == "GroupNorm"
+    assert cov["3.weight"] == "groupnorm" and cov["3.bias"] == "groupnorm"
     assert cov["5.weight"] == "torch.func" and "overrides" in cov.plans["5.weight"].note
     assert cov["6.weight"] == "linear"
     assert list(cov) == [n for n, _ in model.named_parameters()]
@@ -89,7 +100,22 @@ def test_coverage_conv_geometries_and_fallbacks():
     for name in cov:
         assert name in text
     assert "conv2d:" in text and "torch.func:" in text and "linear:" in text
+    assert "groupnorm:" in text
     assert "Coverage(" in repr(cov)
+
+
+def test_coverage_norms():
+    model = nn.ModuleDict({
+        "gn": nn.GroupNorm(2, 4), "ln": nn.LayerNorm((3, 4)), "own_gn": OwnGroupNorm(2, 4),
+        "own_ln": OwnLayerNorm(4), "plain_ln": nn.LayerNorm(4, elementwise_affine=False)})
+    cov = coverage(model)
+    assert [cov[f"{m}.{r}"] for m in ("gn", "ln") for r in ("weight", "bias")] == [
+        "groupnorm", "groupnorm", "layernorm", "layernorm"]
+    assert cov["own_gn.weight"] == "torch.func"
+    assert "overrides GroupNorm.forward" in cov.plans["own_gn.weight"].note
+    assert cov["own_ln.bias"] == "torch.func"
+    assert "overrides LayerNorm.forward" in cov.plans["own_ln.bias"].note
+    assert not any(n.startswith("plain_ln") for n in cov)
 
 
 def test_coverage_multihead_attention_out_proj_is_not_fused():
@@ -140,6 +166,12 @@ def grads_from_records(cap: Capture, n: int) -> dict:
     for mname, calls in cap.layers.items():
         roles = cap.roles[mname]
         for layer in calls:
+            if isinstance(layer, NormIO):
+                w, b = layer.row_grads("weight" in roles, "bias" in roles)
+                for role, rows in (("weight", w), ("bias", b)):
+                    if rows is not None:
+                        out[roles[role]] = out.get(roles[role], 0) + rows.sum(0)
+                continue
             w, b = ref.per_sample_grads(layer.a, layer.g, seg.seg_ptr, seg.order, layer.conv,
                                         "bias" in roles)
             if "weight" in roles:
@@ -151,9 +183,26 @@ def grads_from_records(cap: Capture, n: int) -> dict:
     return out
 
 
+class Norms(nn.Module):
+    """GroupNorm on [N, C, L] and LayerNorm over the last 1 and 2 dims of [N, T, d]."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 6)
+        self.gn = nn.GroupNorm(2, 4, eps=1e-3)
+        self.ln1 = nn.LayerNorm(6)
+        self.ln2 = nn.LayerNorm((4, 6))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))                         # [N, 4, 6]
+        h = self.gn(h) + self.ln1(h).pow(2)
+        return self.ln2(h.sin())
+
+
 @pytest.mark.parametrize("factory,shape", [
     (ConvNet, (5, 3, 9, 7)),
     (Shared, (6, 3, 5)),
+    (Norms, (5, 4, 5)),
 ])
 def test_records_rebuild_autograd_gradients(factory, shape):
     model = factory()
@@ -169,7 +218,7 @@ def test_records_rebuild_autograd_gradients(factory, shape):
         if method == "torch.func":
             assert name not in got
             continue
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5)
     assert all(p.grad is None for p in model.parameters()), "capture must not write .grad"
 
 
@@ -194,7 +243,9 @@ def test_conv_geometry_tuple():
     assert cap.layers["c2"][0].conv == (3, 2, 1, 1, 2, 1, 2, 1, 2)
     assert cap.layers["c3"][0].conv == (3, 3, 1, 1, 1, 1, 1, 1, 4)  # 'same'
     assert cap.layers["c4"][0].conv == (1, 1, 1, 1, 0, 0, 1, 1, 1)  # 'valid'
-    assert "norm" not in cap.layers
+    norm = cap.layers["norm"][0]
+    assert isinstance(norm, NormIO) and norm.kind == "groupnorm" and norm.shape == (2,)
+    assert norm.x.shape == norm.g.shape == (2, 4, 5, 5) and norm.eps == 1e-5
 
 
 def test_output_modified_in_place_still_gives_its_gradient():
@@ -287,6 +338,25 @@ def test_parameter_used_without_calling_its_module_is_refused():
     with Capture(unused) as cap:
         cap.backward(unused["a"](torch.randn(2, 3)).sum(1))
     assert set(cap.layers) == {"a"}
+
+
+def test_norm_used_without_calling_it_falls_back():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.gn = nn.GroupNorm(2, 4)
+            self.ln = nn.LayerNorm(4)
+
+        def forward(self, x):
+            h = torch.nn.functional.group_norm(self.lin(x), 2, self.gn.weight, self.gn.bias)
+            return self.ln(h)
+
+    model = Functional()
+    with Capture(model) as cap:
+        cap.backward(model(torch.randn(3, 3)).pow(2).sum(1))
+    assert cap.fallback == ["gn.weight", "gn.bias"]
+    assert set(cap.layers) == {"lin", "ln"}
 
 
 def test_capture_is_single_use():

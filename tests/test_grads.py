@@ -4,8 +4,10 @@ The oracle everywhere: per-row gradients by ``torch.func`` (``functional_call`` 
 ``vmap(grad)``), segment-summed, then ``Projector.project`` (or ``KroneckerProjector.project``)
 of the selected parameters in ``named_parameters`` order. Models: an MLP on 3-D inputs with a
 LayerNorm and a module called twice, a conv net (stride 2, padding, dilation, groups, bias /
-no bias, 'same', a reflect-padded conv that falls back, GroupNorm), and small diffusers
-UNets (self-attention; cross-attention with encoder_hidden_states in the batch).
+no bias, 'same', a reflect-padded conv that falls back, GroupNorm), a norms net (GroupNorm on
+2-D and 1-D spatial inputs, LayerNorm over the last 1 and 2 dims of 3-D inputs), and small
+diffusers UNets (self-attention; cross-attention with encoder_hidden_states in the batch),
+whose norms are captured so that nothing takes the torch.func pass.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ class _Swapped:
 
 
 class MLP(nn.Module):
-    """3-D inputs [N, T, d], a LayerNorm (torch.func), a Linear called twice, a bias-free one."""
+    """3-D inputs [N, T, d], a LayerNorm, a Linear called twice, a bias-free one."""
 
     def __init__(self):
         super().__init__()
@@ -125,15 +127,43 @@ class ConvNet(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
+class Norms(nn.Module):
+    """GroupNorm on [N, C, H, W] and [N, C, L]; LayerNorm over the last 1 and 2 dims of
+    [N, T, d]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gn2d = nn.GroupNorm(2, 4)
+        self.gn1d = nn.GroupNorm(4, 4, eps=1e-3)
+        self.fc = nn.Linear(5, 6)
+        self.ln1 = nn.LayerNorm(6)
+        self.ln2 = nn.LayerNorm((4, 6), eps=1e-4)
+
+    def forward(self, x):
+        h = torch.tanh(self.gn2d(self.conv(x)))              # [N, 4, 6, 5]
+        h = torch.tanh(self.fc(self.gn1d(h.mean(2))))        # [N, 4, 6]
+        return self.ln2(torch.tanh(self.ln1(h)) * h)
+
+
 def row_sq(model, batch):
     x, y = batch
     return (model(x) - y).pow(2).flatten(1).sum(1)
+
+
+CASES = ["mlp", "conv", "norms"]
 
 
 def make_case(name):
     torch.manual_seed(0)
     if name == "mlp":
         model, x = MLP(), torch.randn(6, 4, 7)
+    elif name == "norms":
+        model, x = Norms(), torch.randn(6, 3, 6, 5)
+        with torch.no_grad():  # affines away from their (1, 0) initialisation
+            for norm in (model.gn2d, model.gn1d, model.ln1, model.ln2):
+                norm.weight.add_(torch.randn_like(norm.weight) * 0.3)
+                norm.bias.add_(torch.randn_like(norm.bias) * 0.3)
     else:
         model, x = ConvNet(), torch.randn(6, 3, 9, 7)
     with torch.no_grad():
@@ -145,7 +175,7 @@ def make_case(name):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["mlp", "conv"])
+@pytest.mark.parametrize("case", CASES)
 def test_projected_grads_equal_torch_func_then_project(case, backend):
     model, batch = make_case(case)
     proj = fastattr.Projector(97, seed=3, backend=backend)
@@ -156,7 +186,7 @@ def test_projected_grads_equal_torch_func_then_project(case, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["mlp", "conv"])
+@pytest.mark.parametrize("case", CASES)
 def test_segments_sum_rows(case, backend):
     """K rows per sample (and rows in any order) give the sums of the per-row gradients."""
     model, batch = make_case(case)
@@ -174,7 +204,7 @@ def test_segments_sum_rows(case, backend):
     assert_rel(got2, expected)
 
 
-@pytest.mark.parametrize("case", ["mlp", "conv"])
+@pytest.mark.parametrize("case", CASES)
 def test_per_sample_grads_equal_torch_func(case):
     model, batch = make_case(case)
     assert_grads_close(fastattr.per_sample_grads(model, row_sq, batch),
@@ -182,16 +212,18 @@ def test_per_sample_grads_equal_torch_func(case):
 
 
 PARAM_SELECTIONS = {
-    "bias_only": lambda n, p: n in ("fc1.bias", "shared.bias", "c1.bias", "head.bias"),
+    "bias_only": lambda n, p: n in ("fc1.bias", "shared.bias", "c1.bias", "head.bias",
+                                    "norm.bias", "gn2d.bias", "ln1.bias", "ln2.bias"),
     "weight_only": lambda n, p: n.endswith("weight"),
     "mixed_list": ["fc1.bias", "norm.weight", "shared.weight", "emb", "c2.weight", "c4.bias",
-                   "norm.bias", "head.bias"],
+                   "norm.bias", "head.bias", "gn1d.weight", "gn2d.bias", "ln2.weight",
+                   "ln1.bias", "fc.bias"],
 }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("selection", list(PARAM_SELECTIONS))
-@pytest.mark.parametrize("case", ["mlp", "conv"])
+@pytest.mark.parametrize("case", CASES)
 def test_param_selection_uses_selected_offsets(case, selection, backend):
     """Only the selected parameters, each at the offset of its place among them."""
     model, batch = make_case(case)
@@ -223,9 +255,39 @@ def test_frozen_parameters_default_and_by_name():
     assert not model.fc1.weight.requires_grad  # restored
 
 
+def test_norm_coverage():
+    cov = fastattr.coverage(make_case("norms")[0])
+    assert [cov[f"{m}.weight"] for m in ("gn2d", "gn1d", "ln1", "ln2")] == [
+        "groupnorm", "groupnorm", "layernorm", "layernorm"]
+    assert "torch.func" not in cov.summary()
+
+
+def test_norm_used_without_calling_it_falls_back_to_torch_func():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(7, 4)
+            self.gn = nn.GroupNorm(2, 4)
+            self.ln = nn.LayerNorm(4)
+
+        def forward(self, x):
+            h = nn.functional.group_norm(self.fc(x).transpose(1, 2), 2, self.gn.weight * 1.5,
+                                         self.gn.bias)
+            return self.ln(h.transpose(1, 2))
+
+    torch.manual_seed(0)
+    model, x = Functional(), torch.randn(6, 3, 7)
+    batch = (x, torch.randn(6, 3, 4))
+    assert fastattr.coverage(model)["gn.weight"] == "groupnorm"
+    proj = fastattr.Projector(30, backend="reference")
+    expected = oracle_grads(model, row_sq, batch)
+    assert_rel(fastattr.projected_grads(model, row_sq, batch, proj), proj.project(expected))
+    assert_grads_close(fastattr.per_sample_grads(model, row_sq, batch), expected)
+
+
 def test_only_torch_func_parameters():
     model, batch = make_case("conv")
-    names = ["norm.weight", "norm.bias"]
+    names = ["c4.weight", "c4.bias"]
     assert all(fastattr.coverage(model, names)[n] == "torch.func" for n in names)
     proj = fastattr.Projector(33, backend="reference")
     assert_rel(fastattr.projected_grads(model, row_sq, batch, proj, params=names),
@@ -251,7 +313,7 @@ def test_non_row_tensors_in_batch_are_broadcast():
 
 @needs_kron
 @pytest.mark.parametrize("selection", [None, "weight_only", "bias_only", "mixed_list"])
-@pytest.mark.parametrize("case", ["mlp", "conv"])
+@pytest.mark.parametrize("case", CASES)
 def test_kronecker_projector_blocks(case, selection):
     model, batch = make_case(case)
     params = PARAM_SELECTIONS.get(selection)
@@ -324,10 +386,11 @@ def test_diffusers_unets(which, backend, request):
     model, batch, ids, expected = request.getfixturevalue(which)
     cov = fastattr.coverage(model)
     summary = cov.summary()
-    assert set(summary) == {"linear", "conv2d", "torch.func"}
-    # every attention projection (self and cross) is fused; only norms fall back
+    # every attention projection (self and cross) is fused and every norm captured:
+    # nothing takes the torch.func pass
+    assert set(summary) == ({"linear", "conv2d", "groupnorm"} if which == "unet_case" else
+                            {"linear", "conv2d", "groupnorm", "layernorm"})
     assert all(cov[n] == "linear" for n in cov if ".to_q." in n or ".to_k." in n)
-    assert all("norm" in n for n, m in cov.items() if m == "torch.func")
     proj = fastattr.Projector(24, seed=5, backend=backend)  # the reference op is slow in k
     got = fastattr.projected_grads(model, diffusion_loss, batch, proj, segments=ids)
     assert_rel(got, proj.project(expected))
@@ -363,11 +426,11 @@ def test_errors_are_clear():
         # all rows come from a closure: the torch.func part cannot split them
         x = batch[0]
         fastattr.per_sample_grads(model, lambda m, b: m(x).flatten(1).sum(1), {"unused": 1},
-                                  params=["norm.weight"])
+                                  params=["emb"])
 
 
 def test_dropout_in_train_mode_is_explained():
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Dropout(0.5))
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Dropout(0.5))  # PReLU: torch.func
     x = torch.randn(3, 4)
     with pytest.raises(RuntimeError, match="model.eval"):
         fastattr.per_sample_grads(model, lambda m, b: m(b).sum(1), x)
