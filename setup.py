@@ -63,8 +63,9 @@ cpu_ext = Pybind11Extension(
     ],
     include_dirs=[CSRC],
     depends=[f"{CSRC}/philox.h", f"{CSRC}/projection_types.h", f"{CSRC}/cpu/projection.h",
-             f"{CSRC}/cpu/projection_impl.inc", f"{CSRC}/cpu/projection_forward.inc",
-             f"{CSRC}/cpu/gemm_tiles.inc", f"{CSRC}/cpu/psg.h", f"{CSRC}/cpu/psg_impl.inc"],
+             f"{CSRC}/cpu/projection_impl.inc", f"{CSRC}/cpu/simd_variant.inc",
+             f"{CSRC}/cpu/simd.h", f"{CSRC}/cpu/gemm_tiles.inc", f"{CSRC}/cpu/psg.h",
+             f"{CSRC}/cpu/psg_impl.inc"],
     extra_compile_args=CPU_FLAGS,
     extra_link_args=["-fopenmp"],
     cxx_std=17,
@@ -77,8 +78,8 @@ cuda_ext = Pybind11Extension(
     include_dirs=[CSRC],
     # the nvcc objects are linked in as extra_objects, which setuptools' up-to-date check
     # ignores: without these an edited .cu file would be recompiled but never relinked
-    depends=[*CUDA_SOURCES, f"{CSRC}/cuda/projection.h", f"{CSRC}/cuda/psg.h",
-             f"{CSRC}/philox.h", f"{CSRC}/projection_types.h"],
+    depends=[*CUDA_SOURCES, f"{CSRC}/cuda/common.cuh", f"{CSRC}/cuda/projection.h",
+             f"{CSRC}/cuda/psg.h", f"{CSRC}/philox.h", f"{CSRC}/projection_types.h"],
     extra_compile_args=["-O3"],
     cxx_std=17,
 )

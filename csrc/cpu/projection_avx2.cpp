@@ -1,28 +1,5 @@
 // AVX2 + FMA build of the CPU projection kernel (selected at run time when the CPU has it).
-#include <omp.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include <new>
-
-#include "cpu/projection.h"
-#include "philox.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,bmi2")
-#define FA_VEC_BYTES 32
-#define FA_MR 6
-namespace fastattr {
-namespace cpu {
-namespace avx2 {
-#include "cpu/projection_impl.inc"
-}  // namespace avx2
-}  // namespace cpu
-}  // namespace fastattr
-#pragma GCC pop_options
-#else
-#include "cpu/projection_forward.inc"
-FA_FORWARD_TO_GENERIC(avx2)
-#endif
+#define FA_SIMD_LEVEL 1
+#define FA_SIMD_IMPL "cpu/projection_impl.inc"
+#define FA_SIMD_FORWARD FA_FORWARD_PROJECTION
+#include "cpu/simd_variant.inc"

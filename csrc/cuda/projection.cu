@@ -34,10 +34,9 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
-#include <mutex>
 #include <stdexcept>
-#include <string>
 
+#include "cuda/common.cuh"
 #include "cuda/projection.h"
 #include "philox.h"
 
@@ -59,8 +58,6 @@ constexpr int kLdA = kBK + 8;   // 80-byte rows: the 8 rows of an ldmatrix hit d
 constexpr int kLdB = kBN + 8;   // 272-byte rows: likewise
 constexpr int kMaxLayers = 64;  // layers per launch: the table travels in the 4 KiB params
 constexpr int64_t kMinChunksPerSplit = 8;  // a split-K slice covers >= 256 rows of R
-constexpr int kMaxGridY = 65535;
-constexpr int kMaxGridZ = 65535;
 
 // Warps tile the block's [kBM, kBN] output as (kBM / 32) x 4 tiles of 32 x 32 (2 x 2 fragments,
 // 32 accumulator registers per thread), so a block has kBM / 8 warps: 8 for kBM = 64, 16 for
@@ -92,18 +89,6 @@ struct ProjectParams {
 };
 // Kernel parameters are limited to 4 KiB on older drivers; the layer table must fit.
 static_assert(sizeof(ProjectParams) <= 4000, "ProjectParams exceeds the kernel parameter space");
-
-[[noreturn]] void throw_cuda(cudaError_t err, const char* what) {
-  throw std::runtime_error(std::string("fastattr._cuda: ") + what + " failed: " +
-                           cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
-}
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw_cuda(err, what);
-}
-
-// A kernel launch reports configuration errors through cudaGetLastError only.
-void check_launch(const char* what) { check(cudaGetLastError(), what); }
 
 __device__ __forceinline__ uint32_t select_word(uint32_t sel, uint32_t w0, uint32_t w1,
                                                 uint32_t w2, uint32_t w3) {
@@ -243,16 +228,7 @@ __device__ __forceinline__ void gen_gaussian_chunk(int64_t row0, int64_t rows_va
                     j_tile * (kBN / 4) + q, P.stream, P.key0, P.key1, w0, w1, w2, w3);
       fa_gaussian4(w0, w1, w2, w3, z0, z1, z2, z3);
     }
-    const __nv_bfloat162 h01 = __floats2bfloat162_rn(z0, z1);
-    const __nv_bfloat162 h23 = __floats2bfloat162_rn(z2, z3);
-    const __nv_bfloat162 l01 = __floats2bfloat162_rn(z0 - __low2float(h01), z1 - __high2float(h01));
-    const __nv_bfloat162 l23 = __floats2bfloat162_rn(z2 - __low2float(h23), z3 - __high2float(h23));
-    __nv_bfloat162* hi = reinterpret_cast<__nv_bfloat162*>(r_hi + r * kLdB + 4 * q);
-    __nv_bfloat162* lo = reinterpret_cast<__nv_bfloat162*>(r_lo + r * kLdB + 4 * q);
-    hi[0] = h01;
-    hi[1] = h23;
-    lo[0] = l01;
-    lo[1] = l23;
+    store_split4_bf16(r_hi + r * kLdB + 4 * q, r_lo + r * kLdB + 4 * q, z0, z1, z2, z3);
   }
 }
 
@@ -394,20 +370,6 @@ __global__ void __launch_bounds__(threads_for<kBM>(), 512 / threads_for<kBM>())
 #endif
 }
 
-// out[e] (+)= scale * sum_{s < splits} partial[s][e], summed in order s = 0, 1, ...: the
-// result does not depend on which block finished first.
-__global__ void reduce_splits_kernel(float* __restrict__ out, const float* __restrict__ partial,
-                                     int splits, int64_t n, float scale, int accumulate) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
-       e += stride) {
-    float s = 0.0f;
-    for (int z = 0; z < splits; ++z) s += partial[z * n + e];
-    const float v = scale * s;
-    out[e] = accumulate ? out[e] + v : v;
-  }
-}
-
 // Rademacher rows: one warp per (row, 128-column block), i.e. one Philox call; lane l writes
 // columns l, l + 32, l + 64, l + 96 (coalesced). Entries are +-scale with the sign taken from
 // the bit, bit-identical to the CPU kernel and the torch reference.
@@ -472,8 +434,6 @@ struct DeviceInfo {
   int blocks_per_sm[4] = {0, 0, 0, 0};  // project_tiles_kernel variants, see variant_index
 };
 
-constexpr int kMaxDevices = 64;
-
 int variant_index(int kind, int bm) { return (kind == kGaussian ? 2 : 0) + (bm == 128 ? 1 : 0); }
 
 template <int kKind, int kBM>
@@ -485,73 +445,17 @@ int occupancy() {
   return n > 0 ? n : 1;
 }
 
+void configure_device(DeviceInfo& info) {
+  info.blocks_per_sm[variant_index(kRademacher, 64)] = occupancy<kRademacher, 64>();
+  info.blocks_per_sm[variant_index(kRademacher, 128)] = occupancy<kRademacher, 128>();
+  info.blocks_per_sm[variant_index(kGaussian, 64)] = occupancy<kGaussian, 64>();
+  info.blocks_per_sm[variant_index(kGaussian, 128)] = occupancy<kGaussian, 128>();
+}
+
 // SM count, compute capability and occupancy of the current device, queried once per device.
 const DeviceInfo& device_info(int device) {
-  static std::mutex mutex;
-  static DeviceInfo cache[kMaxDevices];
-  static bool have[kMaxDevices] = {};
-  if (device < 0 || device >= kMaxDevices)
-    throw std::runtime_error("fastattr._cuda: device id out of range");
-  std::lock_guard<std::mutex> lock(mutex);
-  if (!have[device]) {
-    DeviceInfo info;
-    check(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device),
-          "cudaDeviceGetAttribute(MultiProcessorCount)");
-    check(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device),
-          "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-    if (info.major >= 8) {
-      info.blocks_per_sm[variant_index(kRademacher, 64)] = occupancy<kRademacher, 64>();
-      info.blocks_per_sm[variant_index(kRademacher, 128)] = occupancy<kRademacher, 128>();
-      info.blocks_per_sm[variant_index(kGaussian, 64)] = occupancy<kGaussian, 64>();
-      info.blocks_per_sm[variant_index(kGaussian, 128)] = occupancy<kGaussian, 128>();
-    }
-    cache[device] = info;
-    have[device] = true;
-  }
-  return cache[device];
+  return cached_device_info<DeviceInfo>(device, configure_device);
 }
-
-int current_device() {
-  int device = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  return device;
-}
-
-// Stream-ordered scratch memory, freed (stream-ordered, after the kernels that use it) when the
-// owner goes out of scope, also when a launch throws.
-class StreamBuffer {
- public:
-  explicit StreamBuffer(cudaStream_t stream) : stream_(stream) {}
-  StreamBuffer(const StreamBuffer&) = delete;
-  StreamBuffer& operator=(const StreamBuffer&) = delete;
-  ~StreamBuffer() {
-    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
-  }
-  // false when the device has no stream-ordered allocator or the memory is not there: the
-  // workspace only buys parallelism, so the caller then does without it
-  bool allocate(size_t bytes) {
-    void* p = nullptr;
-    const cudaError_t err = cudaMallocAsync(&p, bytes, stream_);
-    if (err == cudaErrorNotSupported || err == cudaErrorMemoryAllocation) {
-      cudaGetLastError();  // handled: leave no error behind for the launch checks
-      return false;
-    }
-    check(err, "cudaMallocAsync(split-K workspace)");
-    ptr_ = p;
-    return true;
-  }
-  float* get() const { return static_cast<float*>(ptr_); }
-  void release() {
-    if (ptr_ == nullptr) return;
-    void* p = ptr_;
-    ptr_ = nullptr;
-    check(cudaFreeAsync(p, stream_), "cudaFreeAsync(split-K workspace)");
-  }
-
- private:
-  cudaStream_t stream_;
-  void* ptr_ = nullptr;
-};
 
 template <int kKind, int kBM>
 void launch_tiles(const ProjectParams& params, dim3 grid, cudaStream_t stream) {
@@ -567,12 +471,6 @@ void launch_tiles(int kind, int bm, const ProjectParams& params, dim3 grid, cuda
     if (bm == 128) launch_tiles<kRademacher, 128>(params, grid, stream);
     else launch_tiles<kRademacher, 64>(params, grid, stream);
   }
-}
-
-int reduce_grid(int64_t n, const DeviceInfo& info) {
-  const int64_t blocks = (n + 255) / 256;
-  const int64_t cap = static_cast<int64_t>(info.sms) * 8;
-  return static_cast<int>(blocks < cap ? (blocks > 0 ? blocks : 1) : cap);
 }
 
 // One launch: rows [0, batch) of `out` (pointers already offset) over layers [0, n_layers),
@@ -607,15 +505,8 @@ void project_group(float* out, int64_t batch, const Layer* layers, int n_layers,
   const int64_t tiles = k_tiles * b_tiles;
   const int64_t resident =
       static_cast<int64_t>(info.sms) * info.blocks_per_sm[variant_index(spec.kind, bm)];
-  int64_t splits = 1;
-  if (tiles < resident) {
-    splits = (resident + tiles - 1) / tiles;
-    const int64_t max_splits = n_chunks / kMinChunksPerSplit;
-    if (splits > max_splits) splits = max_splits;
-    if (splits > kMaxGridZ) splits = kMaxGridZ;
-    if (splits < 1) splits = 1;
-  }
-  StreamBuffer workspace(stream);
+  int64_t splits = split_count(tiles, resident, n_chunks, kMinChunksPerSplit);
+  StreamBuffer workspace(stream, "split-K workspace");
   if (splits > 1) {
     // bounded: splits * tiles < 2 * resident tiles of kBM x kBN floats
     const size_t bytes = static_cast<size_t>(splits) * batch * spec.k * sizeof(float);
@@ -629,9 +520,8 @@ void project_group(float* out, int64_t batch, const Layer* layers, int n_layers,
   launch_tiles(spec.kind, bm, params, grid, stream);
   if (splits > 1) {
     const int64_t n = batch * spec.k;
-    reduce_splits_kernel<<<reduce_grid(n, info), 256, 0, stream>>>(
-        out, workspace.get(), static_cast<int>(splits), n, spec.scale, params.accumulate);
-    check_launch("reduce_splits_kernel launch");
+    reduce_splits(out, workspace.get(), static_cast<int>(splits), n, spec.scale, accumulate,
+                  info.sms, stream, "reduce_splits_kernel launch");
     workspace.release();
   }
 }

@@ -60,11 +60,11 @@
 #include <mma.h>
 
 #include <initializer_list>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
+#include "cuda/common.cuh"
 #include "cuda/psg.h"
 #include "philox.h"
 
@@ -97,8 +97,6 @@ constexpr int kStageLd = 33;        // staging row stride in floats: conflict-fr
 constexpr int kStageWarpFloats = (kMaxTO + kMaxTF) * kStageLd;
 constexpr int kBiasTO = 32;         // output channels per bias chunk
 constexpr int64_t kMinChunksPerSplit = 2;
-constexpr int kMaxGridY = 65535;
-constexpr int kMaxGridZ = 65535;
 
 // Dynamic shared memory: [G hi | G lo] then one region that holds, at different times, the
 // stage-1 staging areas, the RHS tile(s), and the epilogue's per-warp 16 x 16 stages.
@@ -145,18 +143,6 @@ struct PsgParams {
   float* out;        // [batch, n_cols]
   float* workspace;  // [splits, batch, n_cols], unscaled partial sums
 };
-
-[[noreturn]] void throw_cuda(cudaError_t err, const char* what) {
-  throw std::runtime_error(std::string("fastattr._cuda: ") + what + " failed: " +
-                           cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
-}
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw_cuda(err, what);
-}
-
-// A kernel launch reports configuration errors through cudaGetLastError only.
-void check_launch(const char* what) { check(cudaGetLastError(), what); }
 
 __device__ __forceinline__ float load_as_float(const void* base, int64_t idx, int dtype) {
   if (dtype == kFloat32) return __ldg(static_cast<const float*>(base) + idx);
@@ -388,16 +374,7 @@ __device__ __forceinline__ void gen_gaussian_tile(const PsgParams& P, const Chun
                     w3);
       fa_gaussian4(w0, w1, w2, w3, z0, z1, z2, z3);
     }
-    const __nv_bfloat162 h01 = __floats2bfloat162_rn(z0, z1);
-    const __nv_bfloat162 h23 = __floats2bfloat162_rn(z2, z3);
-    const __nv_bfloat162 l01 = __floats2bfloat162_rn(z0 - __low2float(h01), z1 - __high2float(h01));
-    const __nv_bfloat162 l23 = __floats2bfloat162_rn(z2 - __low2float(h23), z3 - __high2float(h23));
-    __nv_bfloat162* hi = reinterpret_cast<__nv_bfloat162*>(m_hi + e * kLdM + 4 * q);
-    __nv_bfloat162* lo = reinterpret_cast<__nv_bfloat162*>(m_lo + e * kLdM + 4 * q);
-    hi[0] = h01;
-    hi[1] = h23;
-    lo[0] = l01;
-    lo[1] = l23;
+    store_split4_bf16(m_hi + e * kLdM + 4 * q, m_lo + e * kLdM + 4 * q, z0, z1, z2, z3);
   }
 }
 
@@ -547,19 +524,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
-// out[e] = scale * sum_{z < splits} partial[z][e], summed in order z = 0, 1, ...: the result
-// does not depend on which block finished first.
-__global__ void psg_reduce_splits_kernel(float* __restrict__ out, const float* __restrict__ partial,
-                                         int splits, int64_t n, float scale) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
-       e += stride) {
-    float s = 0.0f;
-    for (int z = 0; z < splits; ++z) s += partial[z * n + e];
-    out[e] = scale * s;
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Host side
 
@@ -568,8 +532,6 @@ struct DeviceInfo {
   int major = 0;
   int blocks_per_sm[3] = {0, 0, 0};  // psg_tiles_kernel<mode>
 };
-
-constexpr int kMaxDevices = 64;
 
 // Opt the kernel in to its dynamic shared memory (> 48 KiB) on the current device and ask how
 // many blocks fit on an SM.
@@ -585,68 +547,16 @@ int configure_kernel() {
   return n > 0 ? n : 1;
 }
 
-// SM count, compute capability, and the kernels configured, once per device.
-const DeviceInfo& device_info() {
-  static std::mutex mutex;
-  static DeviceInfo cache[kMaxDevices];
-  static bool have[kMaxDevices] = {};
-  int device = 0;
-  check(cudaGetDevice(&device), "cudaGetDevice");
-  if (device < 0 || device >= kMaxDevices)
-    throw std::runtime_error("fastattr._cuda: device id out of range");
-  std::lock_guard<std::mutex> lock(mutex);
-  if (!have[device]) {
-    DeviceInfo info;
-    check(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device),
-          "cudaDeviceGetAttribute(MultiProcessorCount)");
-    check(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device),
-          "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-    if (info.major >= 8) {
-      info.blocks_per_sm[kModeRademacher] = configure_kernel<kModeRademacher>();
-      info.blocks_per_sm[kModeGaussian] = configure_kernel<kModeGaussian>();
-      info.blocks_per_sm[kModeMatmul] = configure_kernel<kModeMatmul>();
-    }
-    cache[device] = info;
-    have[device] = true;
-  }
-  return cache[device];
+void configure_device(DeviceInfo& info) {
+  info.blocks_per_sm[kModeRademacher] = configure_kernel<kModeRademacher>();
+  info.blocks_per_sm[kModeGaussian] = configure_kernel<kModeGaussian>();
+  info.blocks_per_sm[kModeMatmul] = configure_kernel<kModeMatmul>();
 }
 
-// Stream-ordered scratch memory, freed (stream-ordered, after the kernels that use it) when the
-// owner goes out of scope, also when a launch throws.
-class StreamBuffer {
- public:
-  explicit StreamBuffer(cudaStream_t stream) : stream_(stream) {}
-  StreamBuffer(const StreamBuffer&) = delete;
-  StreamBuffer& operator=(const StreamBuffer&) = delete;
-  ~StreamBuffer() {
-    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
-  }
-  // false when the device has no stream-ordered allocator or the memory is not there: the
-  // workspace only buys parallelism, so the caller then does without it
-  bool allocate(size_t bytes) {
-    void* p = nullptr;
-    const cudaError_t err = cudaMallocAsync(&p, bytes, stream_);
-    if (err == cudaErrorNotSupported || err == cudaErrorMemoryAllocation) {
-      cudaGetLastError();  // handled: leave no error behind for the launch checks
-      return false;
-    }
-    check(err, "cudaMallocAsync(psg split workspace)");
-    ptr_ = p;
-    return true;
-  }
-  float* get() const { return static_cast<float*>(ptr_); }
-  void release() {
-    if (ptr_ == nullptr) return;
-    void* p = ptr_;
-    ptr_ = nullptr;
-    check(cudaFreeAsync(p, stream_), "cudaFreeAsync(psg split workspace)");
-  }
-
- private:
-  cudaStream_t stream_;
-  void* ptr_ = nullptr;
-};
+// SM count, compute capability, and the kernels configured, once per device.
+const DeviceInfo& device_info() {
+  return cached_device_info<DeviceInfo>(current_device(), configure_device);
+}
 
 void launch_tiles(int mode, const PsgParams& params, dim3 grid, cudaStream_t stream) {
   if (mode == kModeRademacher)
@@ -789,15 +699,8 @@ void run(int mode, PsgParams P, cudaStream_t stream) {
     const int64_t tiles = col_blocks * b_tiles;
     // Split the chunk list over blocks when the output tiles alone cannot fill the device.
     const int64_t resident = static_cast<int64_t>(info.sms) * info.blocks_per_sm[mode];
-    int64_t splits = 1;
-    if (tiles < resident) {
-      splits = (resident + tiles - 1) / tiles;
-      const int64_t max_splits = P.n_chunks / kMinChunksPerSplit;
-      if (splits > max_splits) splits = max_splits;
-      if (splits > kMaxGridZ) splits = kMaxGridZ;
-      if (splits < 1) splits = 1;
-    }
-    StreamBuffer workspace(stream);
+    int64_t splits = split_count(tiles, resident, P.n_chunks, kMinChunksPerSplit);
+    StreamBuffer workspace(stream, "psg split workspace");
     if (splits > 1) {
       // bounded: splits * tiles < 2 * resident tiles of 32 x 256 floats
       const size_t bytes = static_cast<size_t>(splits) * P.batch * P.n_cols * sizeof(float);
@@ -812,12 +715,8 @@ void run(int mode, PsgParams P, cudaStream_t stream) {
                     static_cast<unsigned>(splits));
     launch_tiles(mode, P, grid, stream);
     if (splits > 1) {
-      const int64_t n = P.batch * P.n_cols;
-      const int64_t blocks = (n + 255) / 256;
-      const int64_t cap = static_cast<int64_t>(info.sms) * 8;
-      psg_reduce_splits_kernel<<<static_cast<unsigned>(blocks < cap ? blocks : cap), 256, 0,
-                                 stream>>>(P.out, P.workspace, P.splits, n, P.scale);
-      check_launch("psg_reduce_splits_kernel launch");
+      reduce_splits(P.out, P.workspace, P.splits, P.batch * P.n_cols, P.scale, false, info.sms,
+                    stream, "reduce_splits_kernel launch (psg)");
       workspace.release();
     }
   }

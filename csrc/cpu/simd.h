@@ -1,0 +1,24 @@
+// Run-time choice between the SIMD builds of the CPU kernels (simd_variant.inc), shared by the
+// projection (projection.cpp) and the per-sample-gradient kernels (psg.cpp).
+#pragma once
+
+namespace fastattr {
+namespace cpu {
+
+enum SimdLevel { kSimdGeneric = 0, kSimdAvx2 = 1, kSimdAvx512 = 2 };
+
+// The hardware level, lowered by FASTATTR_CPU_SIMD=generic|avx2 (never raised); simd_level()
+// (projection.h) names it. Defined in projection.cpp.
+SimdLevel active_simd_level();
+
+}  // namespace cpu
+}  // namespace fastattr
+
+// `return isa::call;` for the active level's namespace (avx512, avx2 or generic), inside
+// namespace fastattr::cpu: FA_SIMD_DISPATCH(project(out, batch, layers, n_layers, spec, threads))
+#define FA_SIMD_DISPATCH(call)                                                                \
+  switch (active_simd_level()) {                                                              \
+    case kSimdAvx512: return avx512::call;                                                    \
+    case kSimdAvx2: return avx2::call;                                                        \
+    default: return generic::call;                                                            \
+  }
