@@ -10,7 +10,8 @@ import torch
 
 from .kernels import implementation
 
-__all__ = ["project", "project_transpose_rows", "psg_project", "psg_matmul"]
+__all__ = ["project", "project_transpose_rows", "psg_project", "psg_matmul", "covariance",
+           "ekfac_lambda"]
 
 # Rows of R materialised at a time by the transpose: about 4M entries (16 MiB fp32).
 TRANSPOSE_CHUNK_ENTRIES = 1 << 22
@@ -133,3 +134,35 @@ def psg_matmul(
 @psg_matmul.register_fake
 def _psg_matmul_fake(a, g, seg_ptr, order, conv, q_weight, q_bias, backend):
     return a.new_empty((seg_ptr.shape[0] - 1, q_weight.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastattr::covariance", mutates_args=())
+def covariance(x: torch.Tensor, conv: list[int], reduce: bool,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S [G, F, F], s [G, F])`` float32: second moments and sums of the rows of ``x``
+    (conv patches formed in the kernel). Validated by ``fastattr.factor_ops.covariance``."""
+    impl = implementation(backend, "curvature", "covariance")
+    return impl(x, tuple(conv), reduce)
+
+
+@covariance.register_fake
+def _covariance_fake(x, conv, reduce, backend):
+    if conv:
+        groups, features = conv[8], x.shape[1] // conv[8] * conv[0] * conv[1]
+    else:
+        groups, features = 1, x.shape[2]
+    return (x.new_empty((groups, features, features), dtype=torch.float32),
+            x.new_empty((groups, features), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastattr::ekfac_lambda", mutates_args=())
+def ekfac_lambda(a: torch.Tensor, g: torch.Tensor, backend: str) -> torch.Tensor:
+    """``[O, F]`` float32: ``sum_n (g_n^T a_n)^2``. Validated by
+    ``fastattr.factor_ops.ekfac_lambda``."""
+    impl = implementation(backend, "curvature", "ekfac_lambda")
+    return impl(a, g)
+
+
+@ekfac_lambda.register_fake
+def _ekfac_lambda_fake(a, g, backend):
+    return a.new_empty((g.shape[2], a.shape[2]), dtype=torch.float32)

@@ -15,10 +15,14 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 KIND_CODES = {"rademacher": 0, "gaussian": 1}
 
 _MODULES = {
-    "reference": {"project": "fastattr.reference.projection", "psg": "fastattr.reference.psg"},
-    "cpu": {"project": "fastattr.kernels.cpu", "psg": "fastattr.kernels.cpu"},
-    "triton": {"project": "fastattr.kernels.triton.projection", "psg": "fastattr.kernels.triton.psg"},
-    "cuda": {"project": "fastattr.kernels.cuda", "psg": "fastattr.kernels.cuda"},
+    "reference": {"project": "fastattr.reference.projection", "psg": "fastattr.reference.psg",
+                  "curvature": "fastattr.reference.curvature"},
+    "cpu": {"project": "fastattr.kernels.cpu", "psg": "fastattr.kernels.cpu",
+            "curvature": "fastattr.kernels.cpu"},
+    "triton": {"project": "fastattr.kernels.triton.projection", "psg": "fastattr.kernels.triton.psg",
+               "curvature": "fastattr.kernels.triton.curvature"},
+    "cuda": {"project": "fastattr.kernels.cuda", "psg": "fastattr.kernels.cuda",
+             "curvature": "fastattr.kernels.cuda"},
 }
 
 
