@@ -46,6 +46,8 @@ class Stream(IntEnum):
     OUTPUT = 2
     KRON_LEFT = 3
     KRON_RIGHT = 4
+    GGN = 5  # GGN-model random output vectors (fastattr.curvature)
+    TIMESTEP = 6  # random timesteps of the diffusion protocol (fastattr.diffusion)
 
 
 def splitmix64(z: int) -> int:
