@@ -19,7 +19,7 @@ trap 'rm -rf "$OUT"' EXIT
 "$NVCC" --version | tail -n 2
 HOST_WARN="-Wall,-Wextra,-Werror"
 status=0
-for src in csrc/cuda/projection.cu csrc/cuda/psg.cu; do
+for src in csrc/cuda/projection.cu csrc/cuda/psg.cu csrc/cuda/curvature.cu; do
   name="$(basename "$src" .cu)"
   for arch in ${ARCHS//;/ }; do
     arch="${arch#sm_}"
@@ -37,7 +37,7 @@ for src in csrc/cuda/projection.cu csrc/cuda/psg.cu; do
     fi
     # one line per kernel: registers, shared memory, spills
     grep -E "Compiling entry|Used [0-9]+ registers|spill" "$log" \
-      | sed -E "s/.*Compiling entry function '_ZN8fastattr4cuda[0-9]+_GLOBAL__N__[0-9a-f_]+${name}_cu_[0-9a-f]+[0-9]+([a-z_]+)(ILi([0-9])E(Li([0-9]+)E)?)?.*/  \\1<\\3,\\5>:/; s/<,>//; s/,>/>/" \
+      | sed -E "s/.*Compiling entry function '_ZN8fastattr4cuda[0-9]+_GLOBAL__N__[0-9a-f_]+${name}_cu_[0-9a-f]+[0-9]+([a-z_]+)(IL[ib]([0-9])E(Li([0-9]+)E)?)?.*/  \\1<\\3,\\5>:/; s/<,>//; s/,>/>/" \
       | paste - - - | sed -E 's/ptxas info +: //g; s/[[:space:]]+/ /g'
   done
 done
