@@ -71,7 +71,8 @@ cpu_ext = Pybind11Extension(
     cxx_std=17,
 )
 
-CUDA_SOURCES = [f"{CSRC}/cuda/projection.cu", f"{CSRC}/cuda/psg.cu"]
+CUDA_SOURCES = [f"{CSRC}/cuda/projection.cu", f"{CSRC}/cuda/psg.cu",
+                f"{CSRC}/cuda/curvature.cu"]
 cuda_ext = Pybind11Extension(
     "fastattr._cuda",
     sources=[f"{CSRC}/cuda/bindings.cpp"],
@@ -79,7 +80,8 @@ cuda_ext = Pybind11Extension(
     # the nvcc objects are linked in as extra_objects, which setuptools' up-to-date check
     # ignores: without these an edited .cu file would be recompiled but never relinked
     depends=[*CUDA_SOURCES, f"{CSRC}/cuda/common.cuh", f"{CSRC}/cuda/projection.h",
-             f"{CSRC}/cuda/psg.h", f"{CSRC}/philox.h", f"{CSRC}/projection_types.h"],
+             f"{CSRC}/cuda/psg.h", f"{CSRC}/cuda/curvature.h", f"{CSRC}/philox.h",
+             f"{CSRC}/projection_types.h"],
     extra_compile_args=["-O3"],
     cxx_std=17,
 )

@@ -13,6 +13,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda/curvature.h"
 #include "cuda/projection.h"
 #include "cuda/psg.h"
 #include "philox.h"
@@ -106,6 +107,31 @@ void psg_matmul(uintptr_t out, uintptr_t a, int a_dtype, const std::vector<int64
                              as_stream(cuda_stream));
 }
 
+// x: dtype code and shape ([N, T, F] for linear, NCHW for conv); conv empty or the 9 ints.
+void covariance(uintptr_t S, uintptr_t s, uintptr_t x, int x_dtype,
+                const std::vector<int64_t>& x_shape, const std::vector<int>& conv, bool reduce,
+                uintptr_t cuda_stream) {
+  if (!conv.empty() && conv.size() != 9)
+    throw std::invalid_argument("conv must be empty (linear) or 9 ints (kh, kw, stride_h, "
+                                "stride_w, pad_h, pad_w, dil_h, dil_w, groups)");
+  if (x_shape.size() != (conv.empty() ? 3u : 4u))
+    throw std::invalid_argument(conv.empty() ? "a linear layer takes 3-D x [N, T, F]"
+                                             : "a conv2d layer takes 4-D (NCHW) x");
+  py::gil_scoped_release release;
+  fastattr::cuda::covariance(reinterpret_cast<float*>(S), reinterpret_cast<float*>(s),
+                             reinterpret_cast<const void*>(x), x_dtype, x_shape.data(),
+                             conv.empty() ? 0 : 1, conv.empty() ? nullptr : conv.data(), reduce,
+                             as_stream(cuda_stream));
+}
+
+void ekfac_lambda(uintptr_t out, uintptr_t a, int a_dtype, uintptr_t g, int g_dtype, int64_t n,
+                  int64_t p, int64_t f, int64_t o, uintptr_t cuda_stream) {
+  py::gil_scoped_release release;
+  fastattr::cuda::ekfac_lambda(reinterpret_cast<float*>(out), reinterpret_cast<const void*>(a),
+                               a_dtype, reinterpret_cast<const void*>(g), g_dtype, n, p, f, o,
+                               as_stream(cuda_stream));
+}
+
 py::dict version() {
   py::dict d;
   d["runtime"] = fastattr::cuda::runtime_version();
@@ -119,7 +145,7 @@ py::dict version() {
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "fastattr CUDA kernels (tensor-core projection with an on-the-fly Philox matrix, fused "
-          "per-sample-gradient products)";
+          "per-sample-gradient products, K-FAC / EK-FAC curvature accumulation)";
   m.def("project", &project, py::arg("out"), py::arg("batch"), py::arg("layers"), py::arg("k"),
         py::arg("kind"), py::arg("key0"), py::arg("key1"), py::arg("stream"), py::arg("scale"),
         py::arg("cuda_stream"),
@@ -141,6 +167,15 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("q_dtype"), py::arg("q"), py::arg("q_bias"), py::arg("q_bias_dtype"),
         py::arg("cuda_stream"),
         "out[B,q] = <G_b, Q_j> (+ <bias_b, Qb_j> when q_bias != 0) on cuda_stream");
+  m.def("covariance", &covariance, py::arg("S"), py::arg("s"), py::arg("x"), py::arg("x_dtype"),
+        py::arg("x_shape"), py::arg("conv"), py::arg("reduce"), py::arg("cuda_stream"),
+        "S[G,F,F] = sum_v v v^T, s[G,F] = sum_v v over the rows of x (conv: patch vectors "
+        "gathered in-kernel per channel group; reduce: summed per (n, group)) on cuda_stream");
+  m.def("ekfac_lambda", &ekfac_lambda, py::arg("out"), py::arg("a"), py::arg("a_dtype"),
+        py::arg("g"), py::arg("g_dtype"), py::arg("n"), py::arg("p"), py::arg("f"), py::arg("o"),
+        py::arg("cuda_stream"),
+        "out[O,F] = sum_n (g_n^T a_n)^2 for a [n,p,f], g [n,p,o], never forming g_n^T a_n in "
+        "memory, on cuda_stream");
   m.def("device_count", &fastattr::cuda::device_count,
         "visible CUDA devices as this module's runtime sees them (0 when none or no usable "
         "driver; version()['device_status'] says why)");

@@ -1,7 +1,9 @@
-"""Launchers of the CUDA kernels in ``fastattr._cuda``: projection and the fused
-per-sample-gradient ops (psg_project, psg_matmul).
+"""Launchers of the CUDA kernels in ``fastattr._cuda``: projection, the fused
+per-sample-gradient ops (psg_project, psg_matmul) and the curvature ops (covariance,
+ekfac_lambda).
 
-Same signatures as ``fastattr.kernels.cpu`` (psg ops: as ``fastattr.reference.psg``).
+Same signatures as ``fastattr.kernels.cpu`` (psg ops: as ``fastattr.reference.psg``, curvature
+ops: as ``fastattr.reference.curvature``).
 Tensors are passed as raw device pointers with their sizes and strides (nothing is copied),
 the work is enqueued on the current torch stream of the input's device, and the call returns
 without synchronising. The extension is built without torch headers, so pointers, sizes and
@@ -147,4 +149,57 @@ def psg_matmul(a, g, seg_ptr, order, conv: tuple, q_weight, q_bias) -> torch.Ten
                           0 if q_bias is None else q_bias.data_ptr(),
                           DTYPE_CODES[q_bias.dtype] if q_bias is not None else 0,
                           torch.cuda.current_stream(device).cuda_stream)
+    return out
+
+
+def _check_curvature_input(name: str, t: torch.Tensor, device=None) -> torch.device:
+    # the kernels read contiguous memory of the dtype given by its code: anything else would read
+    # the wrong bytes (or another device's), so it is checked here rather than trusted
+    if t.device.type != "cuda":
+        raise ValueError(f"the cuda backend takes CUDA tensors, got {name} on {t.device}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, but the first input is on {device}")
+    if t.dtype not in DTYPE_CODES:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected float32, bfloat16 or float16")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (fastattr.factor_ops makes it so)")
+    return t.device
+
+
+def covariance(x, conv: tuple, reduce: bool):
+    """``(S [G, F, F], s [G, F])`` float32 (see ``fastattr.reference.curvature.covariance``);
+    conv patches are gathered inside the kernel, S is exactly symmetric."""
+    device = _check_curvature_input("x", x)
+    conv = [int(v) for v in conv]
+    if x.dim() != (4 if conv else 3):
+        raise ValueError(f"x must be {'NCHW [N, C, H, W]' if conv else '[N, T, F]'}, got shape "
+                         f"{tuple(x.shape)}")
+    if conv:
+        groups, features = conv[8], x.shape[1] // conv[8] * conv[0] * conv[1]
+    else:
+        groups, features = 1, x.shape[2]
+    with torch.cuda.device_of(x):
+        S = torch.empty(groups, features, features, dtype=torch.float32, device=device)
+        s = torch.empty(groups, features, dtype=torch.float32, device=device)
+        _ext().covariance(S.data_ptr(), s.data_ptr(), x.data_ptr(), DTYPE_CODES[x.dtype],
+                          list(x.shape), conv, bool(reduce),
+                          torch.cuda.current_stream(device).cuda_stream)
+    return S, s
+
+
+def ekfac_lambda(a, g):
+    """``[O, F]`` float32: ``sum_n (g_n^T a_n)^2`` for ``a [N, P, F]``, ``g [N, P, O]``, the
+    per-datum products kept on chip (see ``fastattr.reference.curvature.ekfac_lambda``)."""
+    device = _check_curvature_input("a", a)
+    _check_curvature_input("g", g, device)
+    if a.dim() != 3 or g.dim() != 3 or a.shape[:2] != g.shape[:2]:
+        raise ValueError(f"a and g must be [N, P, F] and [N, P, O], got {tuple(a.shape)} and "
+                         f"{tuple(g.shape)}")
+    n, p, f = a.shape
+    o = g.shape[2]
+    with torch.cuda.device_of(a):
+        out = torch.empty(o, f, dtype=torch.float32, device=device)
+        _ext().ekfac_lambda(out.data_ptr(), a.data_ptr(), DTYPE_CODES[a.dtype], g.data_ptr(),
+                            DTYPE_CODES[g.dtype], n, p, f, o,
+                            torch.cuda.current_stream(device).cuda_stream)
     return out
