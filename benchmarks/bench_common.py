@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 
 import torch
@@ -86,6 +87,50 @@ def machine_info() -> dict:
     return info
 
 
+# ----------------------------------------------------- peak memory and one case per process
+
+MiB = 1 << 20
+
+
+def proc_status(field: str) -> int:
+    """A byte count from /proc/self/status (``VmRSS``, ``VmHWM``)."""
+    with open("/proc/self/status", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_memory(device: str) -> int:
+    """Start a peak-memory window; returns the baseline (bytes) that ``peak_memory_mib``
+    subtracts: CUDA allocations, or this process's resident set (VmHWM reset to VmRSS)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as fh:
+        fh.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    return proc_status("VmRSS")
+
+
+def peak_memory_mib(device: str, base: int) -> float:
+    """Peak growth over ``base`` since ``reset_peak_memory``, in MiB."""
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else proc_status("VmHWM")
+    return (peak - base) / MiB
+
+
+def run_in_subprocess(script: str, spec: dict, timeout: float) -> dict:
+    """Run ``script --run-case JSON`` (so its peak memory is its own) and parse the JSON line
+    it prints; a failure or timeout becomes a row with status "error" / "skipped"."""
+    cmd = [sys.executable, os.path.abspath(script), "--run-case", json.dumps(spec)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(spec, status="skipped", reason=f"timed out after {timeout:.0f} s")
+    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
+    if res.returncode != 0 or not lines:
+        return dict(spec, status="error", reason=(res.stderr or res.stdout)[-1500:])
+    return json.loads(lines[-1])
 
 
 def write_json_atomic(path: str, payload: dict) -> None:

@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -48,10 +46,10 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import fastattr
 
-from bench_common import machine_info, write_json_atomic  # noqa: E402
+from bench_common import (machine_info, peak_memory_mib, reset_peak_memory,  # noqa: E402
+                          run_in_subprocess, write_json_atomic)
 
 METHODS = ("fastattr-dense", "fastattr-kron", "vmap+projector", "trak")
-MiB = 1 << 20
 # Acceptance of issue 3 on CPU: memory and speed of the dense fused path against
 # vmap + projection at B = 64, and the Kronecker path against dense at equal total k.
 ACCEPT_MEMORY_RATIO = 10.0
@@ -197,14 +195,6 @@ def make_call(method: str, model, batch, ids, B: int, K: int, k: int, device: st
 # ------------------------------------------------------------------------- one case, timed
 
 
-def _proc_status(field: str) -> int:
-    with open("/proc/self/status", encoding="utf-8") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -217,14 +207,7 @@ def run_case(spec: dict) -> dict:
     model = build_model(spec["model"], device)
     batch, ids = make_batch(model, spec["B"], spec["K"], device)
     call = make_call(spec["method"], model, batch, ids, spec["B"], spec["K"], spec["k"], device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w", encoding="utf-8") as fh:
-            fh.write("5")  # resets VmHWM (peak RSS) to the current RSS
-        base = _proc_status("VmRSS")
+    base = reset_peak_memory(device)
     times = []
     start = time.perf_counter()
     out = call()
@@ -242,22 +225,9 @@ def run_case(spec: dict) -> dict:
             call()
             _sync(device)
             times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _proc_status("VmHWM"))
     return dict(spec, status="ok", times_s=times, median_s=statistics.median(times),
-                timed_once=single, peak_mem_mib=(peak - base) / MiB, k_out=out.shape[1],
+                timed_once=single, peak_mem_mib=peak_memory_mib(device, base), k_out=out.shape[1],
                 params=sum(p.numel() for p in model.parameters()))
-
-
-def run_in_subprocess(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--run-case", json.dumps(spec)]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(spec, status="skipped", reason=f"timed out after {timeout:.0f} s")
-    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
-    if res.returncode != 0 or not lines:
-        return dict(spec, status="error", reason=(res.stderr or res.stdout)[-1500:])
-    return json.loads(lines[-1])
 
 
 # ------------------------------------------------------------------------------- reporting
@@ -359,7 +329,7 @@ def main(argv=None) -> int:
                 spec = dict(method=method, model=args.model, device=args.device, B=B, K=K,
                             k=args.k, repeats=args.repeats, long_call=args.long_call,
                             threads=args.threads)
-                row = run_in_subprocess(spec, args.case_timeout)
+                row = run_in_subprocess(__file__, spec, args.case_timeout)
                 rows.append(row)
                 print(f"  {method} B={B} K={K}: {row['status']} "
                       f"{_fmt(row.get('median_s'), '.3f')} s, "

@@ -64,8 +64,9 @@ STRATEGIES = ("ekfac", "kfac", "diagonal", "exact")
 GGNS = ("model", "model_exact", "loss")
 SHARING = ("expand", "reduce")
 FORMAT_VERSION = 1
-# entries of a rotated activation chunk [rows, P, F] in the Λ pass (64 MiB of fp32)
-LAMBDA_CHUNK_ENTRIES = 1 << 24
+# entries of a rotated activation chunk [rows, P, F] in the Λ pass (4 MiB of fp32): the
+# chunk and its layout copy are the Λ pass's only memory beyond the model's own activations
+LAMBDA_CHUNK_ENTRIES = 1 << 20
 
 
 # ------------------------------------------------------------------------------ parameters

@@ -58,3 +58,23 @@ def test_bench_psg_quick_writes_json(tmp_path):
     dense = [r for r in rows if r["method"] == "fastattr-dense"]
     assert all(r["k_out"] == 64 and "x_vmap_time" in r for r in dense)
     assert data["machine"]["diffusers"]
+
+
+CURVATURE_SCRIPT = os.path.join(ROOT, "benchmarks", "bench_curvature.py")
+
+
+def test_bench_curvature_quick_writes_json(tmp_path):
+    """bench_curvature --quick fits EK-FAC with fastattr and kronfluence, phase by phase."""
+    out = tmp_path / "curvature.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, CURVATURE_SCRIPT, "--quick", "--json", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"fastattr", "kronfluence"}
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert set(row["phases_s"]) >= {"covariance", "eigendecomposition", "lambda"}
+        assert row["total_s"] > 0 and row["peak_mem_mib"] >= 0 and row["rows"] == 8
+    # both fit the same layers: every Linear / Conv2d of the UNet
+    assert rows[0]["layers"] == rows[1]["layers"] > 10
