@@ -148,3 +148,17 @@ def write_json_atomic(path: str, payload: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def finish(benchmark: str, args, rows: list, checks: list, start: float) -> int:
+    """Print the acceptance checks, write the JSON record (``args.json``) and return the exit
+    status: 0 when every case ran."""
+    import time
+
+    for c in checks:
+        print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['check']}: {c['value']:.2f}")
+    if args.json:
+        write_json_atomic(args.json, dict(benchmark=benchmark, machine=machine_info(),
+                                          config=vars(args), rows=rows, acceptance=checks,
+                                          wall_s=time.perf_counter() - start))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1

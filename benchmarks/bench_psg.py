@@ -46,8 +46,8 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import fastattr
 
-from bench_common import (machine_info, peak_memory_mib, reset_peak_memory,  # noqa: E402
-                          run_in_subprocess, write_json_atomic)
+from bench_common import (finish, peak_memory_mib, reset_peak_memory,  # noqa: E402
+                          run_in_subprocess)
 
 METHODS = ("fastattr-dense", "fastattr-kron", "vmap+projector", "trak")
 # Acceptance of issue 3 on CPU: memory and speed of the dense fused path against
@@ -337,13 +337,7 @@ def main(argv=None) -> int:
     add_ratios(rows)
     checks = acceptance(rows) if args.model == "digits" and args.k == 4096 else []
     print_table(rows)
-    for c in checks:
-        print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['check']}: {c['value']:.2f}")
-    if args.json:
-        write_json_atomic(args.json, dict(benchmark="psg", machine=machine_info(),
-                                          config=vars(args), rows=rows, acceptance=checks,
-                                          wall_s=time.perf_counter() - start))
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return finish("psg", args, rows, checks, start)
 
 
 if __name__ == "__main__":
