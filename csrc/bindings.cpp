@@ -9,11 +9,13 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/curvature.h"
 #include "cpu/projection.h"
 #include "cpu/psg.h"
 #include "philox.h"
 
 namespace py = pybind11;
+using fastattr::cpu::CovInput;
 using fastattr::cpu::Layer;
 using fastattr::cpu::MatrixSpec;
 using fastattr::cpu::PsgLayer;
@@ -160,6 +162,61 @@ void psg_matmul(uintptr_t out, uintptr_t a, int a_dtype, const std::vector<int64
   fastattr::cpu::psg_matmul(reinterpret_cast<float*>(out), l, query, threads);
 }
 
+// S [G, F, F] and s [G, F] of the rows of x (linear [N, T, F], or NCHW with conv geometry),
+// checked so that no index the kernel forms can leave x.
+void covariance(uintptr_t S, uintptr_t s, uintptr_t x, int dtype, const std::vector<int64_t>& shape,
+                const std::vector<int64_t>& conv, bool reduce, int threads) {
+  if (dtype < 0 || dtype > 2) throw std::invalid_argument("x dtype code must be 0, 1 or 2");
+  CovInput in{};
+  in.x = reinterpret_cast<const void*>(x);
+  in.dtype = dtype;
+  in.reduce = reduce ? 1 : 0;
+  if (conv.empty()) {
+    if (shape.size() != 3) throw std::invalid_argument("a linear covariance takes x [N, T, F]");
+    in.conv = 0;
+    in.n = shape[0], in.h = in.h_out = shape[1], in.channels = shape[2];
+    in.w = in.w_out = 1;
+    in.kh = in.kw = in.sh = in.sw = in.dh = in.dw = in.groups = 1;
+  } else {
+    if (conv.size() != 9)
+      throw std::invalid_argument("conv must be 9 ints (kh, kw, sh, sw, ph, pw, dh, dw, groups)");
+    if (shape.size() != 4) throw std::invalid_argument("a conv covariance takes NCHW x");
+    in.conv = 1;
+    in.n = shape[0], in.channels = shape[1], in.h = shape[2], in.w = shape[3];
+    in.kh = conv[0], in.kw = conv[1], in.sh = conv[2], in.sw = conv[3], in.ph = conv[4];
+    in.pw = conv[5], in.dh = conv[6], in.dw = conv[7], in.groups = conv[8];
+    if (std::min({in.kh, in.kw, in.sh, in.sw, in.dh, in.dw, in.groups}) < 1 ||
+        std::min(in.ph, in.pw) < 0)
+      throw std::invalid_argument(
+          "conv sizes, strides, dilations and groups must be >= 1, padding >= 0");
+    if (in.channels % in.groups) throw std::invalid_argument("channels not divisible by groups");
+    in.h_out = (in.h + 2 * in.ph - in.dh * (in.kh - 1) - 1) / in.sh + 1;
+    in.w_out = (in.w + 2 * in.pw - in.dw * (in.kw - 1) - 1) / in.sw + 1;
+    if (in.h + 2 * in.ph < in.dh * (in.kh - 1) + 1 || in.w + 2 * in.pw < in.dw * (in.kw - 1) + 1)
+      throw std::invalid_argument("the convolution has no output position");
+  }
+  if (std::min({in.n, in.channels, in.h, in.w}) < 1)
+    throw std::invalid_argument("x must not be empty");
+  py::gil_scoped_release release;
+  fastattr::cpu::covariance(reinterpret_cast<float*>(S), reinterpret_cast<float*>(s), in, threads);
+}
+
+// L [O, F] = sum_n (g_n^T a_n)^2 for a [N, P, F], g [N, P, O].
+void ekfac_lambda(uintptr_t L, uintptr_t a, int a_dtype, const std::vector<int64_t>& a_shape,
+                  uintptr_t g, int g_dtype, const std::vector<int64_t>& g_shape, int threads) {
+  if (a_dtype < 0 || a_dtype > 2 || g_dtype < 0 || g_dtype > 2)
+    throw std::invalid_argument("a and g dtype codes must be 0, 1 or 2");
+  if (a_shape.size() != 3 || g_shape.size() != 3 || a_shape[0] != g_shape[0] ||
+      a_shape[1] != g_shape[1])
+    throw std::invalid_argument("ekfac_lambda takes a [N, P, F] and g [N, P, O]");
+  if (std::min({a_shape[0], a_shape[1], a_shape[2], g_shape[2]}) < 1)
+    throw std::invalid_argument("a and g must not be empty");
+  py::gil_scoped_release release;
+  fastattr::cpu::ekfac_lambda(reinterpret_cast<float*>(L), reinterpret_cast<const void*>(a),
+                              a_dtype, reinterpret_cast<const void*>(g), g_dtype, a_shape[0],
+                              a_shape[1], a_shape[2], g_shape[2], threads);
+}
+
 py::tuple philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   uint32_t w[4];
   fastattr::philox4x32_10(c0, c1, c2, c3, k0, k1, w);
@@ -189,4 +246,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("psg_matmul", &psg_matmul,
         "y[B,q] = <G_b, Q_j> (+ <bias_b, Qbias_j>) for one layer, fused (raw pointers; "
         "contiguous inputs; q_bias 0 when absent)");
+  m.def("covariance", &covariance,
+        "S[G,F,F] = sum v v^T, s[G,F] = sum v over the rows (conv: in-kernel patches) of x "
+        "(raw pointers; contiguous x)");
+  m.def("ekfac_lambda", &ekfac_lambda,
+        "L[O,F] = sum_n (g_n^T a_n)^2 without forming the products (raw pointers; contiguous)");
 }

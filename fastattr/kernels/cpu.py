@@ -1,5 +1,5 @@
-"""Launchers of the C++/OpenMP kernels in ``fastattr._C``: projection and fused per-sample
-gradients.
+"""Launchers of the C++/OpenMP kernels in ``fastattr._C``: projection, fused per-sample
+gradients and curvature accumulation.
 
 Tensors are passed as raw pointers with their shapes / strides; nothing is copied unless a
 layout or dtype needs converting (float64 is converted by the caller). The extension checks
@@ -91,4 +91,38 @@ def psg_matmul(a, g, seg_ptr, order, conv: tuple, q_weight, q_bias) -> torch.Ten
                       0 if q_bias is None else q_bias.data_ptr(),
                       DTYPE_CODES[torch.float32 if q_bias is None else q_bias.dtype],
                       torch.get_num_threads())
+    return out
+
+
+def covariance(x, conv: tuple, reduce: bool):
+    """``(S [G, F, F], s [G, F])`` float32 of the rows of ``x`` (see
+    ``fastattr.reference.curvature.covariance``); conv patches are formed in the kernel."""
+    if x.device.type != "cpu":
+        raise ValueError(f"the cpu covariance kernel takes a CPU tensor, got x on {x.device}")
+    x = x.contiguous()
+    conv = [int(v) for v in conv]
+    if conv:
+        groups = conv[8]
+        features = x.shape[1] // groups * conv[0] * conv[1]
+    else:
+        groups, features = 1, x.shape[2]
+    S = torch.empty(groups, features, features, dtype=torch.float32)
+    s = torch.empty(groups, features, dtype=torch.float32)
+    _ext().covariance(S.data_ptr(), s.data_ptr(), x.data_ptr(), DTYPE_CODES[x.dtype],
+                      list(x.shape), conv, bool(reduce), torch.get_num_threads())
+    return S, s
+
+
+def ekfac_lambda(a, g):
+    """``[O, F]`` float32: ``sum_n (g_n^T a_n)^2`` for ``a [N, P, F]``, ``g [N, P, O]``, each
+    datum's product formed tile by tile in cache (see ``fastattr.reference.curvature``)."""
+    for name, t in (("a", a), ("g", g)):
+        if t.device.type != "cpu":
+            raise ValueError(f"the cpu ekfac_lambda kernel takes CPU tensors, got {name} on "
+                             f"{t.device}")
+    a, g = a.contiguous(), g.contiguous()
+    out = torch.empty(g.shape[2], a.shape[2], dtype=torch.float32)
+    _ext().ekfac_lambda(out.data_ptr(), a.data_ptr(), DTYPE_CODES[a.dtype], list(a.shape),
+                        g.data_ptr(), DTYPE_CODES[g.dtype], list(g.shape),
+                        torch.get_num_threads())
     return out
