@@ -125,10 +125,11 @@ def fingerprint(model: nn.Module, names) -> dict:
 class LayerFactors:
     """Factors of one module (a ``Linear`` or ``Conv2d``), one Kronecker block per group.
 
-    Shapes (fp64): ``A [G, Fa, Fa]`` with ``Fa = F + 1`` when the bias is selected (its
-    row / column last), ``G [G, O, O]`` (O = d_out / groups), eigenvectors ``QA``, ``QG``
-    and eigenvalues ``eigA [G, Fa]``, ``eigG [G, O]``, ``lam [G, O, Fa]`` (EK-FAC / diagonal:
-    the corrected eigenvalues, for diagonal in the parameter basis). ``weight`` / ``bias``
+    Tensors (``tensors``, also attributes): eigenvectors ``QA [G, Fa, Fa]`` and
+    ``QG [G, O, O]`` (``factor_dtype``), with ``Fa = F + 1`` when the bias is selected (its
+    row / column last) and O = d_out / groups; float64 eigenvalues ``eigA [G, Fa]``,
+    ``eigG [G, O]`` and ``lam [G, O, Fa]`` (EK-FAC / diagonal: the corrected eigenvalues,
+    for diagonal in the parameter basis); ``A``, ``G`` (float64) with ``keep_covariances``. ``weight`` / ``bias``
     are parameter names (``bias`` None when not selected), ``conv`` the conv geometry (``()``
     for linear), ``weight_shape`` the parameter's shape.
     """
@@ -251,7 +252,8 @@ class Factors:
                 lam_d = lam + (0.1 * lam.mean() if damping is None else damping)
                 res = v / lam_d
             else:
-                QA, QG = lf.QA.to(ref.device), lf.QG.to(ref.device)
+                QA = lf.QA.to(ref.device, torch.float64)
+                QG = lf.QG.to(ref.device, torch.float64)
                 rot = QG.transpose(1, 2) @ v @ QA
                 if self.strategy == "ekfac":
                     lam = lf.lam.to(ref.device)
@@ -400,6 +402,32 @@ class _Layer:
         self.calls = 0
 
 
+_UPPER_INDEX: dict = {}
+
+
+def _upper_index(f: int, device) -> torch.Tensor:
+    """Flat indices ``i * f + j`` (i <= j) of the upper triangle of an f x f matrix."""
+    key = (f, str(device))
+    if key not in _UPPER_INDEX:
+        i, j = torch.triu_indices(f, f, device=device)
+        _UPPER_INDEX[key] = i * f + j
+    return _UPPER_INDEX[key]
+
+
+def _upper(S: torch.Tensor) -> torch.Tensor:
+    """``[G, f(f+1)/2]``: the upper triangles of ``S [G, f, f]``, packed."""
+    f = S.shape[1]
+    return S.reshape(S.shape[0], f * f)[:, _upper_index(f, S.device)]
+
+
+def _unpack(packed: torch.Tensor, f: int) -> torch.Tensor:
+    """The symmetric ``[G, f, f]`` matrices of packed upper triangles."""
+    full = packed.new_zeros(packed.shape[0], f * f)
+    full[:, _upper_index(f, packed.device)] = packed
+    full = full.reshape(-1, f, f)
+    return full + full.triu(1).transpose(1, 2)
+
+
 def _add(acc, value):
     value = value.to(torch.float64)
     return value if acc is None else acc.add_(value)
@@ -530,7 +558,8 @@ class _Fitter:
             if self.sharing == "reduce":
                 r = layer.g.shape[2] * layer.g.shape[3] if lay.conv else layer.a.shape[1]
                 S, s = S / (r * r), s / r
-            lay.S_a, lay.s_a = _add(lay.S_a, S), _add(lay.s_a, s)
+            # fp64 running sum of the upper triangle only: half the memory of the full matrix
+            lay.S_a, lay.s_a = _add(lay.S_a, _upper(S)), _add(lay.s_a, s)
             lay.rows_a += n * positions
             lay.calls += 1
         g_conv = (1, 1, 1, 1, 0, 0, 1, 1, lay.groups) if lay.conv else ()
@@ -548,9 +577,16 @@ class _Fitter:
             cin = lay.weight_shape[1]
             weight = QA[:, :Fw, :].transpose(1, 2).reshape(groups * QA.shape[2], cin, kh, kw)
             bias = QA[:, Fw, :].reshape(-1) if has_bias else None
-            ar = torch.nn.functional.conv2d(a.to(torch.float32), weight, bias, (sh, sw),
-                                            (ph, pw), (dh, dw), groups)
-            ar = ar.reshape(n, groups, QA.shape[2], -1).permute(1, 0, 3, 2)
+            if groups == 1:
+                # channels-last in and out: the [n, Ho, Wo, Fa] result is the [n, P, Fa] rows
+                # the Λ kernel reads, without a layout copy of this (patch-sized) tensor
+                x = a.to(torch.float32).contiguous(memory_format=torch.channels_last)
+                ar = torch.nn.functional.conv2d(x, weight, bias, (sh, sw), (ph, pw), (dh, dw))
+                ar = ar.permute(0, 2, 3, 1).reshape(1, n, -1, QA.shape[2])
+            else:
+                ar = torch.nn.functional.conv2d(a.to(torch.float32), weight, bias, (sh, sw),
+                                                (ph, pw), (dh, dw), groups)
+                ar = ar.reshape(n, groups, QA.shape[2], -1).permute(1, 0, 3, 2)
             gg = g.to(torch.float32).reshape(n, groups, lay.d_out_g, -1).permute(1, 0, 3, 2)
             gr = gg @ QG[:, None]
             return ar, gr
@@ -564,7 +600,8 @@ class _Fitter:
     def _lambda(self, lay, layer):
         n = layer.a.shape[0]
         P = layer.g.shape[2] * layer.g.shape[3] if lay.conv else layer.a.shape[1]
-        Fa = lay.QA.shape[2]
+        QA, QG = self._bases(lay)
+        Fa = QA.shape[2]
         step = max(1, LAMBDA_CHUNK_ENTRIES // max(1, P * Fa * lay.groups))
         if self._calls_now.get(lay.module_name, 1) > 1:
             # several calls of one module sum into one gradient before squaring: keep every
@@ -573,8 +610,18 @@ class _Fitter:
             return
         for start in range(0, n, step):
             ar, gr = self._rotate(lay, layer.a[start:start + step], layer.g[start:start + step],
-                                  lay.QA32, lay.QG32)
+                                  QA, QG)
             self._lambda_add(lay, ar, gr)
+
+    def _bases(self, lay):
+        """float32 ``(Q_A, Q_G)`` of a layer for the Λ pass (identities for "diagonal", made
+        when needed rather than stored)."""
+        if lay.identity:
+            fa = math.prod(lay.weight_shape[1:]) + (lay.bias is not None)
+            eye = torch.eye(fa, dtype=torch.float32)
+            return (eye.expand(lay.groups, fa, fa),
+                    torch.eye(lay.d_out_g).expand(lay.groups, lay.d_out_g, lay.d_out_g))
+        return lay.QA.to(torch.float32), lay.QG.to(torch.float32)
 
     def _flush_pending(self):
         for lay in self.layers.values():
@@ -582,12 +629,13 @@ class _Fitter:
             if not calls:
                 continue
             n = calls[0][0].shape[0]
+            QA, QG = self._bases(lay)
             step = max(1, LAMBDA_CHUNK_ENTRIES // max(1, sum(
                 (g.shape[2] * g.shape[3] if lay.conv else a.shape[1]) for a, g in calls)
-                * lay.QA.shape[2] * lay.groups))
+                * QA.shape[2] * lay.groups))
             for start in range(0, n, step):
                 parts = [self._rotate(lay, a[start:start + step], g[start:start + step],
-                                      lay.QA32, lay.QG32) for a, g in calls]
+                                      QA, QG) for a, g in calls]
                 self._lambda_add(lay, torch.cat([p[0] for p in parts], dim=2),
                                  torch.cat([p[1] for p in parts], dim=2))
 
@@ -598,44 +646,41 @@ class _Fitter:
 
     # ---- between the passes
 
-    def finish_covariance(self):
-        for lay in self.layers.values():
-            if lay.S_a is None:
-                raise ValueError(f"module {lay.module_name} was never reached by the loss: "
-                                 "exclude its parameters with params=")
-            A = lay.S_a
-            if lay.bias is not None:
+    def covariances(self, lay):
+        """The normalised ``(A, G)`` of one layer, float64 (A unpacked: a transient)."""
+        if lay.S_a is None:
+            raise ValueError(f"module {lay.module_name} was never reached by the loss: "
+                             "exclude its parameters with params=")
+        A = _unpack(lay.S_a, lay.s_a.shape[1])
+        if lay.bias is not None:
                 col = lay.s_a[:, :, None]
                 corner = torch.full((lay.groups, 1, 1), float(lay.rows_a), dtype=torch.float64,
                                     device=A.device)
                 A = torch.cat([torch.cat([A, col], 2),
                                torch.cat([col.transpose(1, 2), corner], 2)], 1)
-            lay.A = A / lay.rows_a
-            lay.G = lay.S_g / self.num_data
+        return A / lay.rows_a, lay.S_g / self.num_data
 
     def eigendecompose(self):
+        """fp64 eigh of every layer's A and G, one layer at a time; the running sums are
+        released as we go and the eigenvectors kept in ``factor_dtype``."""
         for lay in self.layers.values():
-            _check_finite(lay.module_name, "activation covariance A", lay.A)
-            _check_finite(lay.module_name, "gradient covariance G", lay.G)
-            sym_a = (lay.A + lay.A.transpose(1, 2)) / 2
-            sym_g = (lay.G + lay.G.transpose(1, 2)) / 2
-            lay.eigA, lay.QA = torch.linalg.eigh(sym_a)
-            lay.eigG, lay.QG = torch.linalg.eigh(sym_g)
+            A, G = self.covariances(lay)
+            lay.S_a = lay.s_a = lay.S_g = None
+            _check_finite(lay.module_name, "activation covariance A", A)
+            _check_finite(lay.module_name, "gradient covariance G", G)
+            G = (G + G.transpose(1, 2)) / 2
+            lay.eigA, QA = torch.linalg.eigh(A)
+            lay.eigG, QG = torch.linalg.eigh(G)
+            lay.QA, lay.QG = QA.to(self.factor_dtype), QG.to(self.factor_dtype)
+            if self.keep_covariances:
+                lay.A, lay.G = A, G
 
     def start_lambda(self, identity: bool):
         self.phase = "lambda"
         self.num_data_cov, self.num_data = self.num_data, 0
         for lay in self.layers.values():
             lay.d_out_g = lay.weight_shape[0] // lay.groups
-            Fa = math.prod(lay.weight_shape[1:]) + (lay.bias is not None)
-            if identity:
-                eye_a = torch.eye(Fa, dtype=torch.float32).expand(lay.groups, Fa, Fa)
-                eye_g = torch.eye(lay.d_out_g, dtype=torch.float32).expand(
-                    lay.groups, lay.d_out_g, lay.d_out_g)
-                lay.QA32, lay.QG32 = eye_a.contiguous(), eye_g.contiguous()
-            else:
-                lay.QA32, lay.QG32 = lay.QA.to(torch.float32), lay.QG.to(torch.float32)
-            lay.QA = lay.QA32 if identity else lay.QA
+            lay.identity = identity
             lay.lam, lay.pending = None, []
 
     def factors(self, config, fp) -> Factors:
@@ -643,15 +688,16 @@ class _Fitter:
         for lay in self.layers.values():
             tensors = {}
             if self.strategy in ("kfac", "ekfac"):
-                tensors.update(A=lay.A, G=lay.G, QA=lay.QA, QG=lay.QG, eigA=lay.eigA,
-                               eigG=lay.eigG)
+                tensors.update(QA=lay.QA, QG=lay.QG, eigA=lay.eigA, eigG=lay.eigG)
+                if self.keep_covariances:
+                    tensors.update(A=lay.A, G=lay.G)
             if self.strategy in ("ekfac", "diagonal"):
                 lam = lay.lam / self.num_data
                 _check_finite(lay.module_name, "eigenvalue correction Λ", lam)
                 tensors["lam"] = lam
             layers[lay.module_name] = LayerFactors(
                 lay.module_name, lay.weight, lay.bias, lay.weight_shape,
-                lay.conv, lay.groups, {k: v.to("cpu", torch.float64) for k, v in tensors.items()})
+                lay.conv, lay.groups, {k: v.to("cpu") for k, v in tensors.items()})
         num = self.num_data if self.strategy == "diagonal" else getattr(
             self, "num_data_cov", self.num_data)
         return Factors(layers, config, fp, num, param_names=self.names)
@@ -676,7 +722,8 @@ def _iterate(data, progress: bool, desc: str):
 
 def fit_factors(model: nn.Module, data, loss, *, strategy: str = "ekfac", ggn: str = "model",
                 sharing: str = "expand", samples_per_example: int = 1, params=None,
-                seed: int = 0, backend: str = "auto", progress: bool = True) -> Factors:
+                seed: int = 0, backend: str = "auto", factor_dtype=torch.float32,
+                keep_covariances: bool = False, progress: bool = True) -> Factors:
     """Fit the curvature of ``model``'s loss on ``data`` (see the module docstring).
 
     Args:
@@ -696,6 +743,10 @@ def fit_factors(model: nn.Module, data, loss, *, strategy: str = "ekfac", ggn: s
             ``kfac_params(model)``.
         seed: seed of the GGN-model random output vectors.
         backend: kernels' backend ("auto", "reference", "cpu", "triton", "cuda").
+        factor_dtype: dtype the eigenvectors are kept in (float32, as kronfluence, halves
+            their memory; float64 for oracle-grade tests). Running sums, eigenvalues and Λ
+            are float64 regardless.
+        keep_covariances: also keep the normalised A and G (float64) in the factors.
         progress: show progress bars.
 
     Example::
@@ -716,6 +767,7 @@ def fit_factors(model: nn.Module, data, loss, *, strategy: str = "ekfac", ggn: s
                         "the factors take two passes over it")
     names = list(select_params(model, kfac_params(model) if params is None else params))
     config = {"strategy": strategy, "ggn": ggn, "sharing": sharing,
+              "factor_dtype": str(factor_dtype).replace("torch.", ""),
               "samples_per_example": samples_per_example, "seed": seed,
               "loss": loss.config() if hasattr(loss, "config") else getattr(
                   loss, "__name__", type(loss).__name__)}
@@ -723,8 +775,11 @@ def fit_factors(model: nn.Module, data, loss, *, strategy: str = "ekfac", ggn: s
     if strategy == "exact":
         return _fit_exact(model, data, loss, ggn, samples_per_example, names, seed, config, fp,
                           progress)
+    if factor_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"factor_dtype must be torch.float32 or torch.float64, got {factor_dtype}")
     fitter = _Fitter(model, loss, strategy, ggn, sharing, samples_per_example, names, seed,
                      backend)
+    fitter.factor_dtype, fitter.keep_covariances = factor_dtype, bool(keep_covariances)
     timings = {}
     clock = time.perf_counter()
     if strategy in ("kfac", "ekfac"):
@@ -732,7 +787,6 @@ def fit_factors(model: nn.Module, data, loss, *, strategy: str = "ekfac", ggn: s
             fitter.run_batch(batch)
         if fitter.num_data == 0:
             raise ValueError("data is empty")
-        fitter.finish_covariance()
         timings["covariance"], clock = time.perf_counter() - clock, time.perf_counter()
         fitter.eigendecompose()
         timings["eigendecomposition"], clock = time.perf_counter() - clock, time.perf_counter()

@@ -3,6 +3,7 @@ matrices, unfold definitions; save / load; bad input."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -14,6 +15,10 @@ from torch.func import functional_call, grad, vmap
 
 from fastattr import rng
 from fastattr.curvature import Factors, fit_factors, kfac_params, regression_loss
+
+# oracle-grade factors: float64 eigenvectors, and the covariances kept for inspection
+fit = functools.partial(fit_factors, factor_dtype=torch.float64, keep_covariances=True,
+                        progress=False)
 from fastattr.diffusion import DiffusionLoss, Rows
 
 
@@ -103,7 +108,7 @@ def test_ekfac_lambda_is_its_definition(kind, ggn):
     torch.manual_seed(3)
     model = mlp() if kind == "mlp" else ConvNet()
     batches = data("conv" if kind == "conv" else "mlp")
-    f = fit_factors(model, batches, regression_loss, strategy="ekfac", ggn=ggn, progress=False,
+    f = fit(model, batches, regression_loss, strategy="ekfac", ggn=ggn, progress=False,
                     seed=5)
     grads = pseudo_grads(model, batches, ggn, seed=5)
     for lf in f.layers.values():
@@ -119,7 +124,7 @@ def test_diagonal_is_mean_squared_gradient(kind):
     torch.manual_seed(4)
     model = mlp() if kind == "mlp" else ConvNet()
     batches = data("conv" if kind == "conv" else "mlp")
-    f = fit_factors(model, batches, regression_loss, strategy="diagonal", ggn="loss",
+    f = fit(model, batches, regression_loss, strategy="diagonal", ggn="loss",
                     progress=False)
     grads = pseudo_grads(model, batches, "loss")
     for lf in f.layers.values():
@@ -148,7 +153,7 @@ def test_conv_factors_are_their_unfold_definitions(sharing):
     torch.manual_seed(5)
     model = ConvNet()
     batches = data("conv")
-    f = fit_factors(model, batches, regression_loss, strategy="kfac", ggn="loss",
+    f = fit(model, batches, regression_loss, strategy="kfac", ggn="loss",
                     sharing=sharing, progress=False)
     ios = captured_io(model, batches)
     for name in ("conv1", "conv2"):
@@ -184,9 +189,9 @@ def test_kfac_of_a_linear_layer_is_the_exact_ggn():
     torch.manual_seed(6)
     model = nn.Linear(4, 3)
     batches = [(torch.randn(6, 4), torch.randn(6, 3), torch.arange(6) + 6 * i) for i in range(2)]
-    kfac = fit_factors(model, batches, regression_loss, strategy="kfac", ggn="model_exact",
+    kfac = fit(model, batches, regression_loss, strategy="kfac", ggn="model_exact",
                        progress=False)
-    exact = fit_factors(model, batches, regression_loss, strategy="exact", ggn="model_exact",
+    exact = fit(model, batches, regression_loss, strategy="exact", ggn="model_exact",
                         progress=False)
     lf = kfac.layers[""]
     # parameter order of exact: weight [3, 4] row-major then bias [3]; K-FAC blocks [O, Fa]
@@ -218,7 +223,7 @@ def test_precondition_is_a_dense_solve(strategy):
     torch.manual_seed(7)
     model = ConvNet()
     batches = data("conv")
-    f = fit_factors(model, batches, regression_loss, strategy=strategy, ggn="model",
+    f = fit(model, batches, regression_loss, strategy=strategy, ggn="model",
                     progress=False, params=["conv1.weight", "conv1.bias", "conv2.weight"])
     shapes = {n: p.shape for n, p in model.named_parameters()}
     v = {n: torch.randn(3, *shapes[n], dtype=torch.float64) for n in f.param_names}
@@ -246,7 +251,7 @@ def test_precondition_is_a_dense_solve(strategy):
 def test_pi_heuristic_damps_the_factors():
     torch.manual_seed(8)
     model = mlp()
-    f = fit_factors(model, data("mlp"), regression_loss, strategy="kfac", progress=False)
+    f = fit(model, data("mlp"), regression_loss, strategy="kfac", progress=False)
     lam = 0.01
     v = {n: torch.randn(2, *p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
     out = f.precondition(v, damping=lam, heuristic="pi")
@@ -259,7 +264,7 @@ def test_pi_heuristic_damps_the_factors():
         expected = torch.linalg.solve(m, vb.flatten(1).T).T.reshape(vb.shape)
         assert_rel(lf.to_blocks(out[lf.weight], out[lf.bias])[:, 0], expected, 1e-6)
     with pytest.raises(ValueError, match="pi heuristic"):
-        fit_factors(model, data("mlp"), regression_loss, strategy="ekfac",
+        fit(model, data("mlp"), regression_loss, strategy="ekfac",
                     progress=False).precondition(v, damping=lam, heuristic="pi")
 
 
@@ -269,8 +274,8 @@ def test_pi_heuristic_damps_the_factors():
 def test_factors_do_not_depend_on_batching():
     torch.manual_seed(9)
     model = ConvNet()
-    f1 = fit_factors(model, data("conv", batch=5), regression_loss, progress=False)
-    f2 = fit_factors(model, data("conv", batch=3), regression_loss, progress=False)
+    f1 = fit(model, data("conv", batch=5), regression_loss, progress=False)
+    f2 = fit(model, data("conv", batch=3), regression_loss, progress=False)
     for name, lf in f1.layers.items():
         for key in ("A", "G", "lam"):
             assert_rel(getattr(f2.layers[name], key), getattr(lf, key), 1e-5)
@@ -286,7 +291,7 @@ def test_diffusion_unet_fits_with_k_draws():
                                  norm_num_groups=4, attention_head_dim=4).eval()
     images = torch.randn(4, 1, 8, 8)
     batches = [(images[:2], torch.tensor([0, 1])), (images[2:], torch.tensor([2, 3]))]
-    f = fit_factors(unet, batches, DiffusionLoss(), samples_per_example=3, progress=False)
+    f = fit(unet, batches, DiffusionLoss(), samples_per_example=3, progress=False)
     assert f.num_data == 12
     names = set(f.layers)
     assert {"conv_in", "time_embedding.linear_1", "down_blocks.1.attentions.0.to_q"} <= names
@@ -305,7 +310,7 @@ def test_diffusion_unet_fits_with_k_draws():
 def test_save_load_roundtrip_and_checks(tmp_path):
     torch.manual_seed(11)
     model = mlp()
-    f = fit_factors(model, data("mlp"), regression_loss, strategy="ekfac", progress=False)
+    f = fit(model, data("mlp"), regression_loss, strategy="ekfac", progress=False)
     path = tmp_path / "f.safetensors"
     f.save(path)
     assert os.listdir(tmp_path) == ["f.safetensors"]  # no temp file left behind
@@ -328,7 +333,7 @@ def test_save_load_roundtrip_and_checks(tmp_path):
 
 def test_exact_roundtrip(tmp_path):
     model = nn.Linear(3, 2)
-    f = fit_factors(model, [(torch.randn(4, 3), torch.randn(4, 2))], regression_loss,
+    f = fit(model, [(torch.randn(4, 3), torch.randn(4, 2))], regression_loss,
                     strategy="exact", ggn="loss", progress=False)
     f.save(tmp_path / "e.safetensors")
     g = Factors.load(tmp_path / "e.safetensors", model=model)
@@ -351,29 +356,29 @@ class Exploding(nn.Module):
 def test_nan_factors_name_the_layer():
     batches = [(torch.randn(4, 3), torch.randn(4, 2))]
     with pytest.raises(FloatingPointError, match=r"layer (fc|out): the (activation|gradient) covariance"):
-        fit_factors(Exploding(), batches, regression_loss, progress=False)
+        fit(Exploding(), batches, regression_loss, progress=False)
 
 
 def test_bad_arguments():
     model = mlp()
     batches = data("mlp")
     with pytest.raises(ValueError, match="strategy must be one of"):
-        fit_factors(model, batches, regression_loss, strategy="kfca")
+        fit(model, batches, regression_loss, strategy="kfca")
     with pytest.raises(ValueError, match="ggn must be one of"):
-        fit_factors(model, batches, regression_loss, ggn="fisher")
+        fit(model, batches, regression_loss, ggn="fisher")
     with pytest.raises(ValueError, match="sharing must be one of"):
-        fit_factors(model, batches, regression_loss, sharing="mean")
+        fit(model, batches, regression_loss, sharing="mean")
     with pytest.raises(ValueError, match="samples_per_example must be an int >= 1"):
-        fit_factors(model, batches, regression_loss, samples_per_example=0)
+        fit(model, batches, regression_loss, samples_per_example=0)
     with pytest.raises(TypeError, match="re-iterable"):
-        fit_factors(model, iter(batches), regression_loss)
+        fit(model, iter(batches), regression_loss)
     norm = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3))
     with pytest.raises(ValueError, match="Linear / Conv2d modules only.*1.weight"):
-        fit_factors(norm, batches, regression_loss, params=[n for n, _ in norm.named_parameters()])
+        fit(norm, batches, regression_loss, params=[n for n, _ in norm.named_parameters()])
     assert kfac_params(norm) == ["0.weight", "0.bias", "2.weight", "2.bias"]
     with pytest.raises(ValueError, match="bias is selected without its weight"):
-        fit_factors(model, batches, regression_loss, params=["0.bias"])
-    f = fit_factors(model, batches, regression_loss, strategy="kfac", progress=False)
+        fit(model, batches, regression_loss, params=["0.bias"])
+    f = fit(model, batches, regression_loss, strategy="kfac", progress=False)
     with pytest.raises(ValueError, match="missing"):
         f.precondition({"0.weight": torch.randn(1, 7, 5)}, damping=0.1)
     v = {n: torch.randn(2, *p.shape) for n, p in model.named_parameters()}

@@ -134,7 +134,7 @@ def test_mlp_factors_and_scores_match_kronfluence(strategy, tmp_path):
     query = (torch.randn(5, 5), torch.randn(5, 3))
     batches = [(train[0][i:i + 7], train[1][i:i + 7]) for i in range(0, 21, 7)]
     ours = fit_factors(model, batches, regression_loss, strategy=strategy, ggn="loss",
-                       progress=False)
+                       keep_covariances=True, progress=False)
     cov, eig, lam, kf_scores = kronfluence_run(mlp_copy(model), train, query, strategy, tmp_path)
     for name in ("0", "2", "4"):
         lf = ours.layers[name]
@@ -162,8 +162,8 @@ def mlp_copy(model):
 def in_kronfluence_basis(lf, group, kq_a, kq_g):
     """Our Λ indexed like kronfluence's: with distinct eigenvalues the two eigenbases differ
     by a signed permutation P = |Q_oursᵀ Q_kf| (signs drop out of the squares)."""
-    pa = (lf.QA[group].T @ kq_a).abs().round()
-    pg = (lf.QG[group].T @ kq_g).abs().round()
+    pa = (lf.QA[group].double().T @ kq_a).abs().round()
+    pg = (lf.QG[group].double().T @ kq_g).abs().round()
     return pg.T @ lf.lam[group] @ pa
 
 
@@ -174,7 +174,7 @@ def test_convnet_factors_and_scores_match_kronfluence(tmp_path):
     query = (torch.randn(5, 2, 7, 8), torch.randn(5, 3))
     batches = [(train[0][i:i + 7], train[1][i:i + 7]) for i in range(0, 14, 7)]
     ours = fit_factors(model, batches, regression_loss, strategy="ekfac", ggn="loss",
-                       progress=False)
+                       keep_covariances=True, progress=False)
     cov, eig, lam, kf_scores = kronfluence_run(split_copy(model), train, query, "ekfac", tmp_path)
     pairs = [("conv1", 0, "conv1"), ("conv2", 0, "conv2a"), ("conv2", 1, "conv2b"),
              ("head", 0, "head")]
