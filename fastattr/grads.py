@@ -24,10 +24,10 @@ from torch import nn
 
 from .capture import (FUNC, Capture, NormIO, _plan, check_row_outputs, make_segments,
                       select_params)
-from .psg import LayerIO, Segments, psg_project
+from .psg import LayerIO, Segments, psg_matmul, psg_project
 from .reference import psg as ref_psg
 
-__all__ = ["projected_grads", "per_sample_grads"]
+__all__ = ["projected_grads", "per_sample_grads", "grads_matmul"]
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -331,3 +331,65 @@ def per_sample_grads(model: nn.Module, output_fn, batch, params=None, segments=N
             out[name] = torch.zeros(run.seg.num_segments, *shape, dtype=torch.float32,
                                     device=run.device)
     return out
+
+
+def grads_matmul(model: nn.Module, output_fn, batch, queries: dict, params=None, segments=None,
+                 *, backend: str = "auto", func_chunk_size: int | None = None) -> torch.Tensor:
+    """``Tensor[B, q]`` (float32): the dot products ``⟨g_b, Q_j⟩`` of every sample's gradient
+    with q given directions, without forming the per-sample gradients of the Linear / Conv2d
+    layers (the fused ``psg_matmul`` kernels, one layer call at a time in the backward).
+
+    ``queries`` is ``{parameter name: Tensor[q, *shape]}`` over exactly the selected
+    parameters (float32 or bfloat16, on the model's device), e.g. preconditioned query
+    gradients for influence scores; the other arguments are those of ``projected_grads``.
+
+    Example::
+
+        q = fastattr.per_sample_grads(model, output_fn, test_batch)     # {name: [q, ...]}
+        scores = grads_matmul(model, output_fn, train_batch, q)        # [B_train, q]
+    """
+    if not isinstance(queries, dict) or not queries:
+        raise TypeError("queries must be a non-empty dict {parameter name: Tensor[q, *shape]}")
+    model_params = dict(model.named_parameters())
+    plan = _plan(model, select_params(model, params))
+    missing = [n for n in plan if n not in queries]
+    extra = [n for n in queries if n not in plan]
+    if missing or extra:
+        raise ValueError(f"queries must hold exactly the selected parameters: missing "
+                         f"{missing[:5]}, not selected {extra[:5]}")
+    q = None
+    for name, t in queries.items():
+        if not isinstance(t, torch.Tensor) or t.dim() < 1:
+            raise TypeError(f"queries[{name!r}] must be a Tensor [q, *shape]")
+        q = t.shape[0] if q is None else q
+        if tuple(t.shape) != (q, *model_params[name].shape):
+            raise ValueError(f"queries[{name!r}] must have shape [{q}, "
+                             f"{', '.join(map(str, model_params[name].shape))}], got "
+                             f"{tuple(t.shape)}")
+    state = {"acc": None}
+
+    def add(value):
+        state["acc"] = value if state["acc"] is None else state["acc"] + value
+
+    def dense(name, rows):  # per-sample gradients [B, ...] . queries -> [B, q]
+        add(rows.reshape(rows.shape[0], -1).to(torch.float32)
+            @ queries[name].reshape(q, -1).to(rows.device, torch.float32).T)
+
+    def on_layer(roles, layer, seg):
+        if isinstance(layer, NormIO):
+            for name, rows in _norm_grads(roles, layer, seg).items():
+                dense(name, rows)
+            return
+        w, b = roles.get("weight"), roles.get("bias")
+        if w is None:
+            dense(b, _segment_sum(_bias_rows(layer), seg))
+            return
+        add(psg_matmul(layer, seg, queries[w], queries[b] if b is not None else None,
+                       backend=backend))
+
+    run = _Run(model, output_fn, batch, params, segments, on_layer, func_chunk_size)
+    for name, rows in run.func_grads.items():
+        dense(name, rows)
+    if state["acc"] is None:
+        return torch.zeros(run.seg.num_segments, q, dtype=torch.float32, device=run.device)
+    return state["acc"]

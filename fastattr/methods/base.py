@@ -1,0 +1,237 @@
+"""What every attribution method shares: data passes with an optional on-disk store, the
+TRAK-style kernel ``K_λ = ΦᵀΦ + λI`` with its eigendecomposition, chunked scoring, ``top_k``.
+
+A method is constructed with a ``fastattr.diffusion.DiffusionTask`` and its options,
+``fit(train_data)`` computes the train-side state (and writes it to ``store=`` when given,
+chunk by chunk, so an interrupted fit resumes), ``score(test_data)`` returns
+``Tensor[n_test, n_train]`` with the sign convention of shared/METHODS.md (> 0: the train
+sample is a proponent, training on it lowers the test sample's loss).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..diffusion import DiffusionTask
+
+__all__ = ["AttributionMethod", "TopK", "Kernel", "check_lam", "chunked_scores", "QUERY_IDS"]
+
+# a bare Tensor of test images gets ids QUERY_IDS + j: its noise ε(id, t) then differs from
+# that of the training images (ids 0..n-1), which would otherwise share it position by position
+QUERY_IDS = 1 << 40
+
+
+class TopK(NamedTuple):
+    """``values [n_test, k]`` and ``indices [n_test, k]`` (positions in the training data,
+    in fit order) of the largest scores, and ``ids [n_test, k]`` (the training ids)."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    ids: torch.Tensor
+
+
+def check_lam(lam, allow_none: bool = True):
+    """λ must be a float > 0 (or None for the method's relative default)."""
+    if lam is None and allow_none:
+        return None
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) \
+            or lam <= 0:
+        raise ValueError(f"lam must be a finite float > 0 (the damping of the solve "
+                         f"(ΦᵀΦ + λI)⁻¹){' or None' if allow_none else ''}, got {lam!r}")
+    return float(lam)
+
+
+def _progress(iterable, total, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+class Kernel:
+    """``ΦᵀΦ`` of train features (float64) and its eigendecomposition ``V diag(s) Vᵀ``, so
+    that scores for any λ cost one small matmul: ``φᵀ K_λ⁻¹ φ_i = ((φV) / (s+λ)) · (φ_i V)``.
+
+    ``rotated`` holds the train features in the eigenbasis ``ΦV`` (float32 ``[n, k]``).
+    """
+
+    def __init__(self, features: torch.Tensor):
+        phi = features.to(torch.float64)
+        gram = phi.T @ phi
+        if not torch.isfinite(gram).all():
+            raise FloatingPointError("the train features contain NaN/Inf: the model's "
+                                     "gradients overflowed or the data holds NaN")
+        s, V = torch.linalg.eigh(gram)
+        self.eigenvalues = s.clamp_min(0)
+        self.V = V
+        self.rotated = (phi @ V).to(torch.float32)
+
+    @property
+    def k(self) -> int:
+        return self.V.shape[0]
+
+    def default_lam(self) -> float:
+        """λ when none is given: 0.1 × the mean eigenvalue of ΦᵀΦ (scale-free)."""
+        return 0.1 * float(self.eigenvalues.mean()) or 1e-12
+
+    def resolve(self, lam) -> float:
+        lam = check_lam(lam)
+        return self.default_lam() if lam is None else lam
+
+    def solve(self, features: torch.Tensor, lam: float) -> torch.Tensor:
+        """``(φ V) / (s + λ)``: test features ready to be dotted with ``rotated`` rows."""
+        rot = features.to(torch.float64) @ self.V.to(features.device)
+        return (rot / (self.eigenvalues.to(features.device) + lam)).to(torch.float32)
+
+    def leverage(self, lam: float) -> torch.Tensor:
+        """Train self-leverage ``h_i = φ_iᵀ K_λ⁻¹ φ_i`` (float64 ``[n]``)."""
+        r = self.rotated.to(torch.float64)
+        return (r * r / (self.eigenvalues + lam)).sum(1)
+
+
+class AttributionMethod:
+    """Base class: data passes, the optional store, chunked scoring, ``top_k``.
+
+    Subclasses implement ``_fit(train_data)`` and ``_score(test_data, **options)`` and set
+    ``name``; ``options()`` returns what determines the train-side state (store config).
+    """
+
+    name = "method"
+
+    def __init__(self, task: DiffusionTask, *, store=None, batch_size: int = 16,
+                 progress: bool = True):
+        if not isinstance(task, DiffusionTask):
+            raise TypeError(f"task must be a fastattr.diffusion.DiffusionTask, got "
+                            f"{type(task).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.task = task
+        self.store_path = store
+        self.batch_size = batch_size
+        self.progress = bool(progress)
+        self.train_ids = None
+        self._store = None
+
+    def __repr__(self) -> str:
+        state = "unfitted" if self.train_ids is None else f"fitted on {self.n_train}"
+        return f"{type(self).__name__}({self.task!r}, {state})"
+
+    # ------------------------------------------------------------------ options / store
+
+    def options(self) -> dict:
+        """The method options that determine the train-side state."""
+        return {}
+
+    def models(self) -> list:
+        """The models whose gradients are used (ensemble members / checkpoints)."""
+        return [self.task.model]
+
+    def store_config(self) -> dict:
+        return {"method": self.name, "options": self.options(), "task": self.task.config(),
+                "fingerprints": [self.task.fingerprint(m) for m in self.models()],
+                "batch_size": self.batch_size}
+
+    def store(self):
+        """The ``FeatureStore`` of this method (opened on first use), or None."""
+        if self.store_path is None:
+            return None
+        if self._store is None:
+            from ..store import FeatureStore
+
+            self._store = FeatureStore(self.store_path, self.store_config())
+        return self._store
+
+    @property
+    def n_train(self) -> int:
+        self._require_fit()
+        return self.train_ids.numel()
+
+    def _require_fit(self):
+        if self.train_ids is None:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(train_data) "
+                               "before score / top_k")
+
+    # ----------------------------------------------------------------------- passes
+
+    def featurize(self, data, compute, name: str, desc: str, arg: str = "data") -> dict:
+        """One pass over ``data``: ``compute(batch) -> {key: Tensor[B, ...]}`` per batch,
+        concatenated (plus ``ids``). With a store and ``name``, each batch is a chunk:
+        existing chunks are read back (their ids checked), missing ones computed and
+        written atomically, so an interrupted pass resumes where it stopped."""
+        total, batches = self.task.batches(data, self.batch_size, arg,
+                                           QUERY_IDS if arg == "test_data" else 0)
+        store = self.store() if name is not None else None
+        parts = []
+        for index, batch in enumerate(_progress(batches, total, desc, self.progress)):
+            ids = batch[1]
+            if store is not None and store.has_chunk(name, index):
+                chunk = {k: torch.from_numpy(v.copy()) for k, v in
+                         store.read_chunk(name, index).items()}
+                if not torch.equal(chunk["ids"], ids.cpu()):
+                    raise ValueError(
+                        f"store {store.path} chunk {index} of {name!r} holds other sample ids "
+                        "than this batch: the data (its order or batch_size) differs from the "
+                        "run that wrote the store; use a new store directory")
+            else:
+                chunk = {k: v.detach().cpu() for k, v in compute(batch).items()}
+                chunk["ids"] = ids.cpu()
+                if store is not None:
+                    store.write_chunk(name, index, chunk)
+            parts.append(chunk)
+        if not parts:
+            raise ValueError(f"{arg} is empty")
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    # ----------------------------------------------------------------------- public
+
+    def fit(self, train_data) -> "AttributionMethod":
+        """Compute the train-side state from ``train_data`` (see ``DiffusionTask.batches``
+        for the accepted forms); returns ``self``."""
+        ids = self._fit(train_data)
+        if torch.unique(ids).numel() != ids.numel():
+            raise ValueError("train_data holds repeated sample ids: ids must identify samples")
+        self.train_ids = ids
+        return self
+
+    def score(self, test_data, **options) -> torch.Tensor:
+        """``Tensor[n_test, n_train]`` float32: ``score[x, i] > 0`` means train sample i
+        is a proponent of test sample x (columns in fit order: ``self.train_ids``).
+
+        ``test_data`` takes the forms of ``fit``; a bare Tensor of images gets the ids
+        ``QUERY_IDS + j`` (2⁴⁰ + j), so its noise draws differ from the training images'
+        (give explicit ids to score training images against themselves)."""
+        self._require_fit()
+        return self._score(test_data, **options)
+
+    def top_k(self, test_data, k: int = 10, **options) -> TopK:
+        """The k strongest proponents of every test sample (``TopK``)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        scores = self.score(test_data, **options)
+        k = min(k, scores.shape[1])
+        top = scores.topk(k, dim=1)
+        return TopK(top.values, top.indices, self.train_ids[top.indices])
+
+    # to implement
+    def _fit(self, train_data) -> torch.Tensor:  # returns the train ids in fit order
+        raise NotImplementedError
+
+    def _score(self, test_data, **options) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def chunked_scores(left: torch.Tensor, right: torch.Tensor, weights=None,
+                   chunk: int = 8192) -> torch.Tensor:
+    """``left @ right.T`` (``[n_test, n_train]`` float32) in train chunks, each column scaled
+    by ``weights`` when given: bounded temporaries whatever n_train is."""
+    out = torch.empty(left.shape[0], right.shape[0], dtype=torch.float32)
+    for j in range(0, right.shape[0], chunk):
+        block = left @ right[j:j + chunk].to(left.device).T
+        if weights is not None:
+            block = block * weights[j:j + chunk].to(block.device, block.dtype)
+        out[:, j:j + chunk] = block.cpu()
+    return out
