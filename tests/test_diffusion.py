@@ -69,3 +69,57 @@ def test_bad_input():
         DiffusionLoss()(None, torch.randn(2, 1, 4, 4), 1)
     with pytest.raises(ValueError, match="images has 2 rows but ids has 3"):
         DiffusionLoss()(None, (torch.randn(2, 1, 4, 4), torch.arange(3)), 1)
+
+
+# ------------------------------------------------------------------ DiffusionTask and outputs
+
+
+def test_output_functions_match_their_definitions():
+    from fastattr.diffusion import OUTPUTS, elbo_weights, output_values
+
+    pred, eps = torch.randn(5, 1, 3, 3), torch.randn(5, 1, 3, 3)
+    t = torch.tensor([0, 10, 500, 998, 999])
+    p, e = pred.flatten(1), eps.flatten(1)
+    expected = {
+        "loss": ((p - e) ** 2).mean(1), "square": (p ** 2).mean(1), "mean": p.mean(1),
+        "l1": p.abs().sum(1), "l2": torch.linalg.vector_norm(p, dim=1),
+        "linf": p.abs().max(1).values,
+    }
+    abar = ddpm_alphas_cumprod()
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)  # DDPM's linear schedule
+    w = betas / (2 * (1 - betas) * (1 - abar))
+    assert torch.allclose(elbo_weights(abar), w, rtol=1e-9)
+    expected["elbo"] = w[t].float() * expected["loss"]
+    assert set(expected) == set(OUTPUTS)
+    for name, value in expected.items():
+        assert torch.allclose(output_values(name, pred, eps, t), value, rtol=1e-5), name
+    custom = output_values(lambda pr, tg, tt: pr.flatten(1)[:, 0] * tt, pred, eps, t)
+    assert torch.equal(custom, p[:, 0] * t)
+
+
+def test_task_schedule_and_checks():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from fastattr.diffusion import DiffusionTask
+
+    model = torch.nn.Conv2d(1, 1, 3, padding=1)
+    sched = DDPMScheduler(num_train_timesteps=200, beta_schedule="squaredcos_cap_v2")
+    task = DiffusionTask(model, scheduler=sched, model_fn=lambda m, x, t: m(x),
+                         sample_shape=(1, 4, 4), samples_per_example=3)
+    assert task.T == 200
+    assert torch.allclose(task.alphas_cumprod, sched.alphas_cumprod.double())
+    assert task.values((torch.randn(2, 1, 4, 4), torch.tensor([4, 5]))).shape == (2, 3)
+    with pytest.raises(ValueError, match="prediction_type is 'v_prediction'"):
+        DiffusionTask(model, scheduler=DDIMScheduler(prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="give scheduler or alphas_cumprod, not both"):
+        DiffusionTask(model, scheduler=sched, alphas_cumprod=sched.alphas_cumprod)
+    with pytest.raises(ValueError, match="samples_per_example must be an int >= 1"):
+        DiffusionTask(model, samples_per_example=0)
+    with pytest.raises(ValueError, match=r"data holds images of shape \(1, 5, 5\) but the model "
+                                         r"takes \(1, 4, 4\)"):
+        task.values((torch.randn(2, 1, 5, 5), torch.tensor([4, 5])))
+    with pytest.raises(ValueError, match="condition 'class_labels' must be a Tensor with one "
+                                         "entry per image"):
+        task.values((torch.randn(2, 1, 4, 4), torch.tensor([4, 5]), torch.tensor([1])))
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        DiffusionTask(lambda x: x)
