@@ -231,14 +231,24 @@ class DiffusionLoss:
 
 
 def ddpm_betas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """β_t from ᾱ_t: ``β_t = 1 − ᾱ_t / ᾱ_{t−1}`` (``ᾱ_{−1} = 1``)."""
+    """β_t from ᾱ_t: ``β_t = 1 − ᾱ_t / ᾱ_{t−1}`` (``ᾱ_{−1} = 1``).
+
+    Example::
+
+        betas = ddpm_betas(ddpm_alphas_cumprod())     # linspace(1e-4, 0.02, 1000)
+    """
     abar = alphas_cumprod.to(torch.float64)
     prev = torch.cat([abar.new_ones(1), abar[:-1]])
     return 1 - abar / prev
 
 
 def elbo_weights(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """``w_t = β_t / (2 α_t (1 − ᾱ_t))`` (float64 ``[T]``), the ELBO weight of the ε-loss."""
+    """``w_t = β_t / (2 α_t (1 − ᾱ_t))`` (float64 ``[T]``), the ELBO weight of the ε-loss.
+
+    Example::
+
+        w = elbo_weights(scheduler.alphas_cumprod)
+    """
     abar = alphas_cumprod.to(torch.float64)
     beta = ddpm_betas(abar)
     return beta / (2 * (1 - beta) * (1 - abar))
@@ -411,13 +421,23 @@ class DiffusionTask:
                 f", K={self.K}, timesteps={self.timesteps}, {len(self.params)} parameters)")
 
     def config(self, output=None) -> dict:
-        """What determines the features (recorded in feature stores)."""
+        """What determines the features (recorded in feature stores).
+
+        Example::
+
+            task.config()   # {'output': 'loss', 'K': 10, 'timesteps': 'uniform', ...}
+        """
         return {"output": _output_name(self.output if output is None else output), "K": self.K,
                 "timesteps": self.timesteps, "T": self.T, "noise_seed": self.noise_seed,
                 "model_fn": None if self.model_fn is None else _output_name(self.model_fn)}
 
     def fingerprint(self, model=None) -> dict:
-        """The attributed parameters' names, shapes and a digest of their values."""
+        """The attributed parameters' names, shapes and a digest of their values.
+
+        Example::
+
+            digest = task.fingerprint()["weights_sha256"]
+        """
         from .curvature import fingerprint
 
         return fingerprint(self.model if model is None else model, self.params)
@@ -443,7 +463,12 @@ class DiffusionTask:
     # ------------------------------------------------------------------ data
 
     def check_images(self, images: torch.Tensor, arg: str = "data") -> None:
-        """Refuse images of another shape than the model takes (message names ``arg``)."""
+        """Refuse images of another shape than the model takes (message names ``arg``).
+
+        Example::
+
+            task.check_images(torch.randn(4, 1, 8, 8), "test_data")
+        """
         if self.sample_shape is not None and tuple(images.shape[1:]) != self.sample_shape:
             raise ValueError(f"{arg} holds images of shape {tuple(images.shape[1:])} but the "
                              f"model takes {self.sample_shape} (C, H, W)")
@@ -454,6 +479,11 @@ class DiffusionTask:
         ``data``: a Tensor of images (ids ``id_start + 0..n−1``), a tuple
         ``(images, ids[, condition])`` of tensors (split by ``batch_size``), or an iterable
         of such batches.
+
+        Example::
+
+            n_batches, it = task.batches(train_images, batch_size=64)
+            for images, ids in it: ...
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -526,7 +556,13 @@ class DiffusionTask:
                                segments=None if per_timestep else seg)
 
     def grads(self, batch, output=None, model=None) -> dict:
-        """Explicit per-example gradients ``{name: [B, *shape]}`` of ``(1/K) Σ_t f``."""
+        """Explicit per-example gradients ``{name: [B, *shape]}`` of ``(1/K) Σ_t f``
+        (materialised: memory ``B × p``).
+
+        Example::
+
+            g = task.grads((images, ids), output="loss")
+        """
         from .grads import per_sample_grads
 
         m = self.model if model is None else model
@@ -535,7 +571,13 @@ class DiffusionTask:
 
     def grads_matmul(self, batch, queries: dict, output=None, model=None,
                      backend: str = "auto") -> torch.Tensor:
-        """``[B, q]``: ``⟨g(x_b), queries_j⟩`` without forming ``g(x_b)`` (fused kernels)."""
+        """``[B, q]``: ``⟨g(x_b), queries_j⟩`` without forming ``g(x_b)`` (fused kernels).
+
+        Example::
+
+            q = task.grads(test_batch)                      # {name: [q, *shape]}
+            dots = task.grads_matmul(train_batch, q)        # [B, q]
+        """
         from .grads import grads_matmul
 
         m = self.model if model is None else model
@@ -545,11 +587,22 @@ class DiffusionTask:
 
     @torch.no_grad()
     def values(self, batch, output=None, model=None) -> torch.Tensor:
-        """``[B, K]``: f at each of the K (t, ε) draws of every example (no gradients)."""
+        """``[B, K]``: f at each of the K (t, ε) draws of every example (no gradients).
+
+        Example::
+
+            losses = task.values((images, ids), output="loss").mean(1)   # [B]
+        """
         m = self.model if model is None else model
         fn, rows, _ = self._rows(batch, output, m)
         return (fn(m, rows) * self.K).reshape(-1, self.K)
 
     def curvature_loss(self) -> DiffusionLoss:
-        """The DDPM loss rows of this task's schedule and noise for ``fit_factors``."""
+        """The DDPM loss rows of this task's schedule and noise for ``fit_factors``.
+
+        Example::
+
+            factors = fit_factors(task.model, batches, task.curvature_loss(),
+                                  samples_per_example=task.K)
+        """
         return DiffusionLoss(self.alphas_cumprod, self.timesteps, self.noise_seed, self.model_fn)
