@@ -1,5 +1,7 @@
 """Adapters for trak and dattri: same numbers as fastattr.Projector, same shapes/dtypes/devices
-as the libraries' own projectors, independent matrices per model, clear errors.
+as the libraries' own projectors, independent matrices per model, clear errors; and the
+libraries' real pipelines driven with them (trak's TRAKer; dattri's TRAK, TracIn and DVEmb
+attributors), checked against the formulas recomputed from torch.func gradients.
 
 CI installs the libraries with ``pip install --no-deps traker==0.3.2 dattri==0.3.0`` plus
 ``pip install tqdm`` (trak's package import needs it); library-specific tests skip without them.
@@ -10,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,27 +168,150 @@ def test_trak_bad_inputs(adapter):
             torch.full((2, 100), float("nan")), 0)
 
 
+# ---- TRAKer end to end: a tiny classifier, trak's own task, gradient computer and saver
+
+
+N_CLASSES = 3
+
+
+def mlp():
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(),
+                               torch.nn.Linear(12, N_CLASSES))
+
+
+def flat_per_sample_grads(model, state, fn, xs, ys, names=None):
+    """Per-sample gradients of fn(params, x, y), flattened in named_parameters order."""
+    params = {name: t.detach() for name, t in state.items()}
+    grads = torch.func.vmap(torch.func.grad(fn), in_dims=(None, 0, 0))(params, xs, ys)
+    names = names or [name for name, _ in model.named_parameters()]
+    return torch.cat([grads[name].reshape(len(xs), -1) for name in names], dim=1)
+
+
+def margin_fn(model):
+    """trak's ImageClassificationModelOutput, written independently: log p / (1 - p)."""
+
+    def margin(params, x, y):
+        logits = torch.func.functional_call(model, params, (x[None],))[0]
+        others = logits.masked_fill(torch.arange(N_CLASSES) == y, -math.inf)
+        return logits.gather(0, y[None])[0] - others.logsumexp(0)
+
+    return margin
+
+
+def rel_err(got, want) -> float:
+    got, want = (torch.as_tensor(t).detach().double() for t in (got, want))
+    return float((got - want).norm() / want.norm())
+
+
 def test_trak_traker_end_to_end(adapter, tmp_path):
-    """TRAKer runs with the adapter as its projector (featurize, finalize, score)."""
+    """trak's TRAKer with the adapter as its projector: two checkpoints, batched featurizing,
+    lambda_reg. What it stores is fastattr's projection of the per-sample margin gradients
+    (computed here with torch.func), and its scores are trak's formula on those features."""
     traker_mod = pytest.importorskip("trak.traker")
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-    n_params = sum(p.numel() for p in model.parameters())
-    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    torch.manual_seed(0)
+    model = mlp()
+    ckpts = [mlp().state_dict() for _ in range(2)]
+    n, m, k, seed, lam = 40, 5, 16, 7, 0.05
+    x, y = torch.randn(n, 6), torch.randint(0, N_CLASSES, (n,))
+    xt, yt = torch.randn(m, 6), torch.randint(0, N_CLASSES, (m,))
+    p = sum(t.numel() for t in model.parameters())
+    projector = adapter.FastattrProjector.for_model(model, k, seed, "rademacher", "cpu")
+    assert projector.grad_dim == p
+
     traker = traker_mod.TRAKer(
-        model=model, task="image_classification", train_set_size=16, save_dir=str(tmp_path),
-        device="cpu", use_half_precision=False, logging_level=40,
-        projector=adapter.FastattrProjector(n_params, 64, 0, "rademacher", "cpu"),
+        model=model, task="image_classification", train_set_size=n, save_dir=str(tmp_path),
+        device="cpu", use_half_precision=False, logging_level=40, lambda_reg=lam,
+        proj_dim=999,  # ignored: TRAKer takes proj_dim from the projector
+        projector=projector,
     )
-    traker.load_checkpoint(model.state_dict(), model_id=0)
-    for start in range(0, 16, 8):
-        traker.featurize(batch=(x[start:start + 8], y[start:start + 8]), num_samples=8)
+    assert traker.projector is projector and traker.proj_dim == k
+    train_feats, out_to_loss = [], []
+    for model_id, ckpt in enumerate(ckpts):
+        traker.load_checkpoint(ckpt, model_id=model_id)
+        for start in range(0, n, 16):  # 16, 16, 8
+            batch = (x[start:start + 16], y[start:start + 16])
+            traker.featurize(batch=batch, num_samples=len(batch[0]))
+        train_feats.append(torch.as_tensor(np.array(traker.saver.current_store["grads"])))
+        out_to_loss.append(torch.as_tensor(np.array(traker.saver.current_store["out_to_loss"])))
+        # trak's own per-sample gradients (a dict) through FastattrProjector.project
+        trak_grads = traker.gradient_computer.compute_per_sample_grad(batch=(x[:16], y[:16]))
+        ours = projector.project(trak_grads, model_id=model_id) / math.sqrt(p)
+        assert rel_err(train_feats[-1][:16], ours) <= 1e-6
     traker.finalize_features()
-    traker.start_scoring_checkpoint(exp_name="q", checkpoint=model.state_dict(), model_id=0,
-                                    num_targets=4)
-    traker.score(batch=(x[:4], y[:4]), num_samples=4)
-    scores = torch.as_tensor(traker.finalize_scores(exp_name="q"))
-    assert scores.shape == (16, 4)
-    assert bool(torch.isfinite(scores).all()) and bool(scores.abs().sum() > 0)
+    target_feats = []
+    for model_id, ckpt in enumerate(ckpts):
+        traker.start_scoring_checkpoint(exp_name="q", checkpoint=ckpt, model_id=model_id,
+                                        num_targets=m)
+        traker.score(batch=(xt, yt), num_samples=m)
+        target_feats.append(torch.as_tensor(np.array(traker.saver.current_store["q_grads"])))
+    scores = torch.as_tensor(np.array(traker.finalize_scores(exp_name="q"))).double()
+    assert scores.shape == (n, m)
+
+    # independently: torch.func margin gradients -> fastattr.Projector -> trak's formula
+    margin = margin_fn(model)
+    total, avg_q, no_lambda = 0, 0, 0
+    for model_id, ckpt in enumerate(ckpts):
+        proj = fastattr.Projector(k, kind="rademacher", seed=seed, ensemble_id=model_id)
+
+        def features(xs, ys, ckpt=ckpt, proj=proj):  # trak's projector is unnormalised
+            g = flat_per_sample_grads(model, ckpt, margin, xs, ys)
+            return proj.project(g).double() * math.sqrt(k) / math.sqrt(p)
+
+        X, T = features(x, y), features(xt, yt)
+        assert rel_err(train_feats[model_id], X) <= 1e-5
+        assert rel_err(target_feats[model_id], T) <= 1e-5
+        model.load_state_dict(ckpt)
+        with torch.no_grad():
+            q = 1 - torch.softmax(model(x), -1)[torch.arange(n), y].double()
+        torch.testing.assert_close(out_to_loss[model_id].double().flatten(), q, rtol=1e-5,
+                                   atol=1e-6)
+        for reg in (lam, 0.0):
+            # BasicScoreComputer: (XᵀX + λI)⁻¹ rescaled by its mean |entry|, X (.) Tᵀ
+            inv = torch.linalg.inv(X.T @ X + reg * torch.eye(k, dtype=torch.float64))
+            part = X @ (inv / inv.abs().mean()) @ T.T
+            if reg:
+                total = total + part
+            else:
+                no_lambda = no_lambda + part
+        avg_q = avg_q + q
+    # finalize_scores: mean over checkpoints of the scores times mean out_to_loss
+    expected = (total / 2) * (avg_q / 2)[:, None]
+    assert rel_err(scores, expected) <= 1e-4
+    assert rel_err((no_lambda / 2) * (avg_q / 2)[:, None], expected) > 1e-3  # λ did matter
+
+
+def test_trak_traker_grad_wrt(adapter, tmp_path):
+    """TRAKer(grad_wrt=...) projects only the named parameters; for_model sizes the adapter."""
+    traker_mod = pytest.importorskip("trak.traker")
+    torch.manual_seed(1)
+    model = mlp()
+    names = ["2.weight", "2.bias"]
+    x, y = torch.randn(8, 6), torch.randint(0, N_CLASSES, (8,))
+    projector = adapter.FastattrProjector.for_model(model, 32, 3, "normal", grad_wrt=names)
+    assert projector.grad_dim == 12 * N_CLASSES + N_CLASSES
+    traker = traker_mod.TRAKer(
+        model=model, task="image_classification", train_set_size=8, save_dir=str(tmp_path),
+        device="cpu", use_half_precision=False, logging_level=40, grad_wrt=names,
+        projector=projector,
+    )
+    traker.load_checkpoint(model.state_dict(), model_id=4)
+    traker.featurize(batch=(x, y), num_samples=8)
+    stored = torch.as_tensor(np.array(traker.saver.current_store["grads"]))
+    g = flat_per_sample_grads(model, model.state_dict(), margin_fn(model), x, y, names)
+    want = fastattr.Projector(32, kind="gaussian", seed=3, ensemble_id=4).project(g)
+    assert rel_err(stored, want * math.sqrt(32) / math.sqrt(projector.grad_dim)) <= 1e-5
+
+
+def test_trak_for_model_bad_inputs(adapter):
+    model = mlp()
+    with pytest.raises(ValueError, match="grad_wrt.*'nope'"):
+        adapter.FastattrProjector.for_model(model, 8, grad_wrt=["0.weight", "nope"])
+    with pytest.raises(TypeError, match="grad_wrt must be a list"):
+        adapter.FastattrProjector.for_model(model, 8, grad_wrt="0.weight")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        adapter.FastattrProjector.for_model({"w": torch.ones(3)}, 8)
+    with pytest.raises(ValueError, match="k must be"):
+        adapter.FastattrProjector.for_model(model, 0)
 
 
 @pytest.mark.cuda
@@ -317,6 +443,201 @@ def test_dattri_bad_inputs():
         random_project(feats, 4, 0, 8)
     with pytest.raises(ValueError, match="backend"):
         random_project(feats, 4, 32, 8, backend="nope")
+
+
+# ---- dattri's attributors driven with fastattr's projection
+
+
+def ce_loss_fn(model):
+    """A per-sample loss in dattri's task convention: f(params, (x, y)) on one sample."""
+
+    def loss(params, data):
+        x, y = data
+        logits = torch.func.functional_call(model, params, (x[None],))
+        return torch.nn.functional.cross_entropy(logits, y[None])
+
+    return loss
+
+
+def flat_loss_grads(model, state, xs, ys):
+    loss = ce_loss_fn(model)
+    return flat_per_sample_grads(model, state, lambda prm, x, y: loss(prm, (x, y)), xs, ys)
+
+
+@pytest.fixture
+def dattri_setup(dattri_projection, monkeypatch):
+    trak_mod = pytest.importorskip("dattri.algorithm.trak")
+    tracin_mod = pytest.importorskip("dattri.algorithm.tracin")
+    from dattri.task import AttributionTask
+
+    # dattri's attributors update their module's DEFAULT_PROJECTOR_KWARGS dict in place;
+    # give each test a private copy so no projector_kwargs leak into other tests.
+    for mod in (trak_mod, tracin_mod):
+        monkeypatch.setattr(mod, "DEFAULT_PROJECTOR_KWARGS", dict(mod.DEFAULT_PROJECTOR_KWARGS))
+    torch.manual_seed(2)
+    model = mlp()
+    ckpts = [mlp().state_dict() for _ in range(2)]
+    task = AttributionTask(loss_func=ce_loss_fn(model), model=model, checkpoints=ckpts)
+    data = (torch.randn(40, 6), torch.randint(0, N_CLASSES, (40,)),
+            torch.randn(5, 6), torch.randint(0, N_CLASSES, (5,)))
+    return trak_mod, tracin_mod, model, ckpts, task, data
+
+
+def loaders(data):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y, xt, yt = data
+    return (DataLoader(TensorDataset(x, y), batch_size=16),
+            DataLoader(TensorDataset(xt, yt), batch_size=4))
+
+
+def test_dattri_trak_attributor_with_fastattr_projection(dattri_setup):
+    """dattri's TRAKAttributor (cache + attribute, two checkpoints, regularization) inside
+    use_fastattr_projection equals dattri's TRAK formula on fastattr's projection of the
+    per-sample loss gradients."""
+    from fastattr.integrations.dattri import use_fastattr_projection
+
+    trak_mod, _, model, ckpts, task, (x, y, xt, yt) = dattri_setup
+    k, seed, lam = 16, 3, 0.05
+    n, p = len(x), sum(t.numel() for t in model.parameters())
+
+    def correct_probability(params, data):
+        return torch.exp(-ce_loss_fn(model)(params, data))
+
+    kwargs = {"proj_dim": k, "proj_seed": seed, "proj_max_batch_size": 32, "device": "cpu"}
+    original = trak_mod.random_project
+
+    def run():
+        attributor = trak_mod.TRAKAttributor(task, correct_probability, projector_kwargs=kwargs,
+                                             regularization=lam)
+        train, test = loaders((x, y, xt, yt))
+        attributor.cache(train)
+        return attributor.attribute(test).double()
+
+    with use_fastattr_projection() as modules:
+        assert trak_mod in modules and trak_mod.random_project is not original
+        scores = run()
+    assert trak_mod.random_project is original  # restored
+
+    total, avg_q = 0, 0
+    for ckpt_idx, ckpt in enumerate(ckpts):
+        proj = fastattr.Projector(k, kind="gaussian", seed=seed, ensemble_id=ckpt_idx)
+        X = proj.project(flat_loss_grads(model, ckpt, x, y) / math.sqrt(p)).double()
+        T = proj.project(flat_loss_grads(model, ckpt, xt, yt) / math.sqrt(p)).double()
+        total = total + T @ torch.linalg.solve(X.T @ X + lam * torch.eye(k, dtype=X.dtype), X.T)
+        model.load_state_dict(ckpt)
+        with torch.no_grad():
+            avg_q = avg_q + 1 - torch.softmax(model(x), -1)[torch.arange(n), y].double()
+    expected = ((total / 2) * (avg_q / 2)[None]).T
+    assert scores.shape == (n, len(xt))
+    assert rel_err(scores, expected) <= 1e-4
+    # outside the block dattri projects with its own matrices: other numbers
+    assert rel_err(run(), expected) > 1e-2
+
+
+def test_dattri_tracin_attributor_with_fastattr_projection(dattri_setup):
+    """TracInAttributor's projector_kwargs (rademacher here) reach fastattr's projection."""
+    from fastattr.integrations.dattri import use_fastattr_projection
+
+    _, tracin_mod, model, ckpts, task, (x, y, xt, yt) = dattri_setup
+    weights = torch.tensor([0.5, 2.0])
+    attributor = tracin_mod.TracInAttributor(
+        task, weights, normalized_grad=False,
+        projector_kwargs={"proj_dim": 24, "proj_seed": 9, "proj_type": "rademacher",
+                          "proj_max_batch_size": 32, "device": "cpu"})
+    train, test = loaders((x, y, xt, yt))
+    with use_fastattr_projection(["dattri.algorithm.tracin"], backend="cpu"):
+        scores = attributor.attribute(train, test).double()
+    expected = 0
+    for ckpt_idx, (ckpt, w) in enumerate(zip(ckpts, weights)):
+        proj = fastattr.Projector(24, kind="rademacher", seed=9, ensemble_id=ckpt_idx)
+        X = proj.project(flat_loss_grads(model, ckpt, x, y)).double()
+        T = proj.project(flat_loss_grads(model, ckpt, xt, yt)).double()
+        expected = expected + float(w) * X @ T.T
+    assert rel_err(scores, expected) <= 1e-4
+
+
+def test_dattri_dvemb_projector_attribute_hook(dattri_projection):
+    """DVEmbAttributor uses an assigned `projector` as it is: no rebinding needed."""
+    dvemb = pytest.importorskip("dattri.algorithm.dvemb")
+    from dattri.task import AttributionTask
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(3)
+    model = mlp()
+    task = AttributionTask(loss_func=ce_loss_fn(model), model=model,
+                           checkpoints=model.state_dict())
+    x, y, xt, yt = torch.randn(16, 6), torch.randint(0, 3, (16,)), torch.randn(4, 6), \
+        torch.randint(0, 3, (4,))
+    p = sum(t.numel() for t in model.parameters())
+    attributor = dvemb.DVEmbAttributor(task, proj_dim=20, proj_seed=5)
+    project = random_project(torch.zeros(8, p), 8, 20, 32, 5, "rademacher")
+    attributor.projector = project
+    for start in (0, 8):
+        attributor.cache_gradients(0, (x[start:start + 8], y[start:start + 8]),
+                                   torch.arange(start, start + 8), learning_rate=0.1)
+    proj = fastattr.Projector(20, kind="rademacher", seed=5)
+    want = proj.project(flat_loss_grads(model, model.state_dict(), x, y))
+    got = torch.cat(attributor.cached_gradients[0])
+    assert rel_err(got, want) <= 1e-5
+    attributor.cache()
+    scores = attributor.attribute(DataLoader(TensorDataset(xt, yt), batch_size=4))
+    assert attributor.projector is project
+    test_feats = proj.project(flat_loss_grads(model, model.state_dict(), xt, yt))
+    assert rel_err(scores, attributor.embeddings[0] @ test_feats.T) <= 1e-5
+
+
+def test_use_fastattr_projection_dispatch_and_restore(dattri_projection):
+    from fastattr.integrations.dattri import use_fastattr_projection
+
+    trak_mod = pytest.importorskip("dattri.algorithm.trak")
+    original = trak_mod.random_project
+    feats = rand(6, 50)
+    with use_fastattr_projection("dattri.algorithm.trak"):
+        patched = trak_mod.random_project
+        # dense kinds: fastattr's numbers, dattri's device default ("cpu") and dtype rule
+        out = patched(feats, 6, 16, 32, 1, "rademacher")(feats, ensemble_id=2)
+        ref = fastattr.Projector(16, kind="rademacher", seed=1, ensemble_id=2).project(feats)
+        assert torch.equal(out, ref)
+        # dattri-only kinds go to dattri's own function
+        ident = patched(feats, 6, 50, 32, 0, "identity")(feats)
+        assert torch.equal(ident, dattri_projection.random_project(
+            feats, 6, 50, 32, 0, "identity")(feats))
+        with use_fastattr_projection(trak_mod):  # nested: restores to the outer one
+            assert trak_mod.random_project is not patched
+        assert trak_mod.random_project is patched
+    assert trak_mod.random_project is original
+    with pytest.raises(RuntimeError, match="boom"):
+        with use_fastattr_projection():
+            raise RuntimeError("boom")
+    assert trak_mod.random_project is original
+    with pytest.raises(ValueError, match="modules: fastattr has no random_project"):
+        with use_fastattr_projection([fastattr]):
+            pass
+    with pytest.raises(TypeError, match="modules must be"):
+        with use_fastattr_projection([3]):
+            pass
+    with pytest.raises(ValueError, match="backend"):
+        with use_fastattr_projection(backend="nope"):
+            pass
+    assert trak_mod.random_project is original
+
+
+def test_use_fastattr_projection_without_dattri_says_how_to_install():
+    res = run_python(
+        "import sys\n"
+        "sys.modules['dattri'] = None\n"
+        "from fastattr.integrations.dattri import use_fastattr_projection\n"
+        "try:\n"
+        "    with use_fastattr_projection():\n"
+        "        pass\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+        "else:\n"
+        "    raise SystemExit('no ImportError')\n"
+    )
+    assert res.returncode == 0, res.stderr
+    assert "pip install dattri" in res.stdout
 
 
 @pytest.mark.cuda

@@ -1,9 +1,8 @@
-"""fastattr's projector with the calling convention of ``dattri.func.projection.random_project``.
+"""fastattr's projector for dattri (``pip install dattri``), dattri 0.3's calling convention.
 
 ``random_project(feature, feature_batch_size, proj_dim, ...)`` returns a function
-``project(feature, ensemble_id=0) -> Tensor[B, proj_dim]``, like dattri's, so code written
-for dattri (and dattri's attributors, which take such a function) can use fastattr's
-kernels instead::
+``project(feature, ensemble_id=0) -> Tensor[B, proj_dim]``, exactly like
+``dattri.func.projection.random_project``::
 
     from fastattr.integrations.dattri import random_project
 
@@ -12,7 +11,22 @@ kernels instead::
     feats = project(grads, ensemble_id=0)
 
 The signature follows dattri 0.3 (``proj_seed`` 5th, ``proj_type`` 6th, keyword-only
-``device``). dattri itself is not needed.
+``device``). This function does not need dattri.
+
+How dattri's attributors reach a projector (dattri 0.3.0). None of them takes a projector
+object: ``TRAKAttributor``, ``TracInAttributor``, ``DVEmbAttributor`` and the
+block-projected influence functions (``LoGraAttributor``, ``FactGraSSAttributor``, through
+``dattri.algorithm.block_projected_if.core.compressor``) call the name ``random_project``
+that their module imported from ``dattri.func.projection``; their ``projector_kwargs``
+are only the keywords of that call. Hence two ways in:
+
+* ``DVEmbAttributor`` keeps the projection function it built in an attribute and builds
+  one only when the attribute is empty, so assigning fastattr's is the hook:
+  ``attributor.projector = random_project(...)`` (``factorization_type="none"``) or
+  ``attributor.random_projectors = [(project_in, project_out), ...]`` (factorized).
+* For the others, ``with use_fastattr_projection(): ...`` rebinds ``random_project`` in
+  those attributor modules to fastattr's for the duration of the block (dense kinds;
+  dattri's own function still serves "sjlt", "identity", ...), and restores it on exit.
 
 Behaviour, compared with dattri's dense projectors (``proj_type`` "normal"/"rademacher"):
 
@@ -36,8 +50,12 @@ Behaviour, compared with dattri's dense projectors (``proj_type`` "normal"/"rade
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import ModuleType
 
 import torch
 
@@ -45,27 +63,30 @@ from ..backends import check_backend_name
 from ..projection import Projector
 from ._args import as_index
 
-__all__ = ["random_project"]
+__all__ = ["random_project", "use_fastattr_projection"]
 
 _KIND_OF = {"normal": "gaussian", "gaussian": "gaussian", "rademacher": "rademacher"}
 _DATTRI_ONLY = {"sjlt", "random_mask", "grass", "identity"}
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _kind(proj_type) -> str:
+def _is_dattri_only(proj_type) -> bool:
+    """True for dattri's kinds that fastattr does not implement ("sjlt", "grass_4", ...)."""
     value = getattr(proj_type, "value", proj_type)  # dattri's ProjectionType is a str Enum
+    return isinstance(value, str) and (value in _DATTRI_ONLY or value.startswith("grass"))
+
+
+def _kind(proj_type) -> str:
+    value = getattr(proj_type, "value", proj_type)
     if isinstance(value, str) and value in _KIND_OF:
         return _KIND_OF[value]
-    if isinstance(value, str) and (value in _DATTRI_ONLY or value.startswith("grass")):
+    if _is_dattri_only(value):
         raise ValueError(
             f"proj_type {value!r} is a dattri-only projection; fastattr provides the dense "
             "'normal' (Gaussian) and 'rademacher' projections. Use "
             "dattri.func.projection.random_project for the others."
         )
     raise ValueError(f"proj_type must be 'normal' or 'rademacher', got {proj_type!r}")
-
-
-
 
 
 def _layers(feature, arg: str) -> list[tuple[str, torch.Tensor]]:
@@ -124,6 +145,18 @@ def random_project(
         ``project(feature, ensemble_id=0) -> Tensor[batch, proj_dim]``; each
         ``ensemble_id`` uses an independent matrix (a fastattr ``Projector`` per id,
         cached). Any batch size is accepted; the per-sample layout must match ``feature``.
+
+    Example::
+
+        import torch
+        from fastattr.integrations.dattri import random_project
+
+        grads = torch.randn(8, 1000)
+        project = random_project(grads, 8, 128, 32, 0, "rademacher")
+        feats = project(grads, ensemble_id=1)      # Tensor[8, 128], float32
+        # dict of per-parameter gradients: projected as their flat concatenation
+        project = random_project({"w": grads[:, :900].reshape(8, 30, 30),
+                                  "b": grads[:, 900:]}, 8, 128)
     """
     if isinstance(proj_seed, (str, torch.device)):
         raise TypeError(
@@ -214,3 +247,126 @@ def random_project(
     _random_project_func.kind = kind
     _random_project_func.projector = projector
     return _random_project_func
+
+
+# dattri 0.3.0's modules that call ``random_project`` through the name they imported.
+DATTRI_CALLERS = (
+    "dattri.algorithm.trak",  # TRAKAttributor
+    "dattri.algorithm.tracin",  # TracInAttributor (TracIn, Grad-Dot, Grad-Cos, ...)
+    "dattri.algorithm.dvemb",  # DVEmbAttributor (or assign attributor.projector)
+    "dattri.algorithm.block_projected_if.core.compressor",  # LoGra, FactGraSS
+)
+
+
+def _dattri_random_project() -> Callable:
+    """dattri's own ``random_project`` (0.3 signature), or an error saying what is missing."""
+    try:
+        from dattri.func import projection
+    except ImportError as exc:
+        raise ImportError(
+            "use_fastattr_projection needs dattri: `pip install dattri` "
+            f"(importing dattri.func.projection failed: {exc})"
+        ) from exc
+    original = projection.random_project
+    if "proj_type" not in inspect.signature(original).parameters:
+        raise RuntimeError(
+            "use_fastattr_projection needs dattri >= 0.3 (its random_project takes "
+            "proj_type); this dattri's does not"
+        )
+    return original
+
+
+def _caller_modules(modules) -> list[ModuleType]:
+    if modules is None:
+        found = []
+        for name in DATTRI_CALLERS:
+            try:
+                found.append(importlib.import_module(name))
+            except ImportError:  # absent from this dattri, or its optional deps are
+                continue
+        return found
+    if isinstance(modules, (str, ModuleType)):
+        modules = [modules]
+    if not isinstance(modules, Iterable):
+        raise TypeError(f"modules must be module names or modules, got {type(modules).__name__}")
+    found = []
+    for module in modules:
+        if isinstance(module, str):
+            module = importlib.import_module(module)
+        elif not isinstance(module, ModuleType):
+            raise TypeError(
+                f"modules must be module names or modules, got {type(module).__name__}"
+            )
+        if not callable(getattr(module, "random_project", None)):
+            raise ValueError(f"modules: {module.__name__} has no random_project to replace")
+        found.append(module)
+    return found
+
+
+@contextlib.contextmanager
+def use_fastattr_projection(
+    modules=None, *, backend: str = "auto", check_finite: bool = False
+) -> Iterator[list[ModuleType]]:
+    """Make dattri's attributors project with fastattr inside a ``with`` block.
+
+    dattri 0.3 has no projector argument (see the module docstring): its attributors call
+    the ``random_project`` their module imported. Inside the block that name, in each of
+    ``modules``, is a function with dattri's exact signature and return convention which
+    projects the dense kinds ("normal", "rademacher") with fastattr's ``random_project``
+    and hands every other kind ("sjlt", "identity", "random_mask", "grass_N") to dattri's
+    own. On exit the previous bindings come back (also after an exception). The
+    rebinding is process-wide for the duration of the block (every thread sees it);
+    nested blocks restore in order. ``projector_kwargs`` keep their dattri meaning.
+
+    Args:
+        modules: the modules to rebind, as names or module objects. ``None``: those of
+            ``DATTRI_CALLERS`` that import here (TRAK, TracIn, DVEmb, LoGra/FactGraSS).
+        backend: fastattr backend for the projections (``"auto"``, ``"cpu"``, ``"cuda"``,
+            ``"triton"``, ``"reference"``).
+        check_finite: raise ``ValueError`` on NaN/Inf features.
+
+    Yields:
+        the list of modules rebound.
+
+    Example::
+
+        from dattri.algorithm.trak import TRAKAttributor
+        from fastattr.integrations.dattri import use_fastattr_projection
+
+        attributor = TRAKAttributor(task, correct_probability_func,
+                                    projector_kwargs={"proj_dim": 2048, "device": "cuda"})
+        with use_fastattr_projection():
+            attributor.cache(train_loader)
+            scores = attributor.attribute(test_loader)
+    """
+    check_backend_name(backend)
+    dattri_random_project = _dattri_random_project()
+    targets = _caller_modules(modules)
+
+    def random_project_for_dattri(
+        feature,
+        feature_batch_size,
+        proj_dim,
+        proj_max_batch_size,
+        proj_seed=0,
+        proj_type="normal",
+        *,
+        device="cpu",
+    ):
+        if _is_dattri_only(proj_type):
+            return dattri_random_project(feature, feature_batch_size, proj_dim,
+                                         proj_max_batch_size, proj_seed, proj_type,
+                                         device=device)
+        return random_project(feature, feature_batch_size, proj_dim, proj_max_batch_size,
+                              proj_seed, proj_type, device=device, backend=backend,
+                              check_finite=check_finite)
+
+    saved = [(module, module.random_project) for module in targets]
+    for module in targets:
+        module.random_project = random_project_for_dattri
+    try:
+        yield targets
+    finally:
+        for module, previous in reversed(saved):
+            if module.random_project is random_project_for_dattri:
+                module.random_project = previous

@@ -4,9 +4,18 @@ Usage with trak's ``TRAKer``::
 
     from fastattr.integrations.trak import FastattrProjector
 
-    projector = FastattrProjector(grad_dim=n_params, proj_dim=2048, seed=0,
-                                  proj_type="rademacher", device="cuda")
+    projector = FastattrProjector.for_model(model, proj_dim=2048, seed=0, device="cuda")
     traker = TRAKer(model, task, train_set_size, projector=projector, ...)
+
+TRAKer takes the projector as it is (its CPU/CUDA projector choice applies only when
+``projector`` is None) and uses from it: ``proj_dim`` (TRAKer's ``proj_dim`` argument is
+then ignored), ``proj_type`` (recorded in save_dir's metadata), ``project(grads,
+model_id=...)`` with the dict of per-parameter gradients of its gradient computer (after
+``grad_wrt`` filtering) and the checkpoint's model id, and ``free_memory()``. It divides
+the result by sqrt(number of parameters) in place and stores it in its own dtype.
+``grad_dim`` must be that number of parameters (``for_model`` computes it as TRAKer does).
+trak's save_dir metadata records only the matrix kind, not whose matrix it is: do not mix
+projectors of different libraries in one save_dir.
 
 Importing this module needs trak (it subclasses ``trak.projectors.AbstractProjector``);
 importing ``fastattr`` never does.
@@ -30,7 +39,7 @@ Differences from trak's own projectors, all deliberate:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -106,6 +115,14 @@ class FastattrProjector(AbstractProjector):
         max_batch_size, block_size: accepted for signature compatibility with trak's
             ``CudaProjector`` / ``BasicProjector`` (TRAKer passes ``max_batch_size``);
             fastattr needs no batch or block tiling from the caller, so they are unused.
+
+    Example::
+
+        import torch
+        from fastattr.integrations.trak import FastattrProjector
+
+        proj = FastattrProjector(grad_dim=1000, proj_dim=256, seed=0, proj_type="rademacher")
+        feats = proj.project(torch.randn(8, 1000), model_id=0)   # Tensor[8, 256]
     """
 
     def __init__(
@@ -148,13 +165,52 @@ class FastattrProjector(AbstractProjector):
         # Validates proj_dim, seed, ensemble_id and backend now rather than at the first call.
         self.projector(ensemble_id)
 
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, proj_dim: int, seed: int = 0,
+                  proj_type=ProjectionType.rademacher, device="cpu",
+                  dtype: torch.dtype = torch.float32, *, grad_wrt=None,
+                  **kwargs) -> FastattrProjector:
+        """A projector whose ``grad_dim`` is the gradient size TRAKer computes for ``model``.
+
+        That is the number of entries of ``model.named_parameters()`` (trak's gradient
+        computer differentiates all of them), or of the parameters named in ``grad_wrt``
+        (the list given to ``TRAKer(grad_wrt=...)``). Other arguments as ``__init__``.
+
+        Example::
+
+            projector = FastattrProjector.for_model(model, 2048, grad_wrt=["fc.weight"])
+            traker = TRAKer(model, task, n_train, projector=projector,
+                            grad_wrt=["fc.weight"], device="cuda")
+        """
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        params = dict(model.named_parameters())
+        if grad_wrt is None:
+            names = list(params)
+        else:
+            if isinstance(grad_wrt, str) or not isinstance(grad_wrt, Iterable):
+                raise TypeError(
+                    f"grad_wrt must be a list of parameter names, got {type(grad_wrt).__name__}"
+                )
+            names = list(grad_wrt)
+            unknown = [name for name in names if name not in params]
+            if unknown:
+                raise ValueError(f"grad_wrt names no parameter of model: {unknown}")
+        grad_dim = sum(params[name].numel() for name in names)
+        return cls(grad_dim, proj_dim, seed, proj_type, device, dtype, **kwargs)
+
     @property
     def kind(self) -> str:
         """fastattr's name of the matrix kind: ``"rademacher"`` or ``"gaussian"``."""
         return _KIND_OF[self.proj_type.value]
 
     def projector(self, model_id: int) -> Projector:
-        """The ``fastattr.Projector`` of ``model_id`` (created once, then cached)."""
+        """The ``fastattr.Projector`` of ``model_id`` (created once, then cached).
+
+        Example::
+
+            fastattr_proj = FastattrProjector(1000, 256).projector(model_id=0)
+        """
         model_id = as_index("model_id", model_id)
         proj = self._projectors.get(model_id)
         if proj is None:
@@ -175,6 +231,12 @@ class FastattrProjector(AbstractProjector):
         ``grads`` is a ``Tensor[B, grad_dim]`` or a dict of per-parameter gradients
         ``{name: [B, ...]}`` (projected as their flattened concatenation in dict order,
         without building it). ``model_id`` selects the matrix (default ``ensemble_id``).
+
+        Example::
+
+            proj = FastattrProjector(grad_dim=12, proj_dim=4)
+            grads = {"w": torch.randn(2, 3, 3), "b": torch.randn(2, 3)}
+            proj.project(grads, model_id=1)   # == proj.project(flat [2, 12], model_id=1)
         """
         features = _features_per_sample(grads)
         if features >= 0 and features != self.grad_dim:
@@ -189,7 +251,15 @@ class FastattrProjector(AbstractProjector):
         return out if out.dtype == self.dtype else out.to(self.dtype)
 
     def free_memory(self) -> None:
-        """Drop the cached per-model projectors (fastattr stores no matrix to free)."""
+        """Drop the cached per-model projectors (fastattr stores no matrix to free).
+
+        TRAKer calls it before finalizing features; the next ``project`` rebuilds the
+        same matrices.
+
+        Example::
+
+            proj.free_memory()
+        """
         self._projectors.clear()
 
     def __repr__(self) -> str:
