@@ -29,7 +29,7 @@ from . import rng
 from .backends import select_backend
 from .kernels import implementation
 
-__all__ = ["Rows", "DiffusionLoss", "DiffusionTask", "ddpm_alphas_cumprod", "timesteps",
+__all__ = ["Rows", "DiffusionLoss", "DiffusionTask", "Trajectory", "ddpm_alphas_cumprod", "timesteps",
            "noise", "output_values", "OUTPUTS"]
 
 TIMESTEP_SETS = ("uniform", "random")
@@ -157,9 +157,19 @@ class _Noised(NamedTuple):
     draw: torch.Tensor
 
 
-def _noised(x0, ids, cond, K: int, abar: torch.Tensor, kind: str, seed: int) -> _Noised:
+def _noised(x0, ids, cond, K: int, abar: torch.Tensor, kind: str, seed: int,
+            at: torch.Tensor | None = None) -> _Noised:
+    """The K noisy rows of every image; ``at`` ([B] timesteps, K = 1) fixes the timesteps."""
     T = abar.numel()
-    t = timesteps(ids, K, T, kind, seed).reshape(-1).to(x0.device)
+    if at is None:
+        t = timesteps(ids, K, T, kind, seed).reshape(-1).to(x0.device)
+    else:
+        t = _ids_tensor(at, "t").to(x0.device)
+        if t.numel() != ids.numel() or K != 1:
+            raise ValueError(f"t must hold one timestep per image ({ids.numel()}), got "
+                             f"{t.numel()}")
+        if t.numel() and int(t.max()) >= T:
+            raise ValueError(f"t must be < T={T}, got {int(t.max())}")
     rid = ids.repeat_interleave(K).to(x0.device)
     eps = noise(rid, t, x0.shape[1:], T, seed).to(x0.dtype)
     a = abar.to(x0.device)[t].to(x0.dtype).reshape(-1, *[1] * (x0.dim() - 1))
@@ -333,6 +343,19 @@ def _expected_image_shape(model, sample_shape):
         return None
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return (int(config["in_channels"]), int(h), int(w))
+
+
+class Trajectory(NamedTuple):
+    """A DDIM sampling run of n samples over S steps: ``latents [n, S, C, H, W]`` (x_t fed
+    to the model at each step), ``steps [S]`` (their timesteps, descending),
+    ``x0_hat [n, S, C, H, W]`` (the model's prediction of x_0 at each step), ``images``
+    (the final samples) and ``ids`` (sample ids keying the noise of per-step features)."""
+
+    latents: torch.Tensor
+    steps: torch.Tensor
+    x0_hat: torch.Tensor
+    images: torch.Tensor
+    ids: torch.Tensor
 
 
 def _lora_filter(name, p):
@@ -523,21 +546,23 @@ class DiffusionTask:
 
     # --------------------------------------------------------------- gradients
 
-    def _rows(self, batch, output, model):
+    def _rows(self, batch, output, model, at=None):
         """(output_fn, row batch, segments) of one batch: the N = B*K noisy rows; the row
-        values are f / K so that each image's segment-summed gradient is the K-average."""
+        values are f / K so that each image's segment-summed gradient is the K-average.
+        ``at`` ([B] timesteps) replaces the K draws by one row per image at that timestep."""
         x0, ids, cond = _unpack_batch(batch)
         self.check_images(x0)
         out_choice = _check_output(self.output if output is None else output)
-        n = _noised(x0, ids, cond, self.K, self.alphas_cumprod, self.timesteps, self.noise_seed)
-        abar, K, model_fn = self.alphas_cumprod, self.K, self.model_fn
+        K = self.K if at is None else 1
+        n = _noised(x0, ids, cond, K, self.alphas_cumprod, self.timesteps, self.noise_seed, at)
+        abar, model_fn = self.alphas_cumprod, self.model_fn
 
         def output_fn(m, rows):
             x_t, t, eps, kw = rows
             pred = _call_model(m, x_t, t, kw) if model_fn is None else model_fn(m, x_t, t, **kw)
             return output_values(out_choice, pred, eps, t, abar) / K
 
-        segments = torch.arange(ids.numel(), device=x0.device).repeat_interleave(self.K)
+        segments = torch.arange(ids.numel(), device=x0.device).repeat_interleave(K)
         return output_fn, (n.x_t, n.t, n.eps, n.cond), segments
 
     def features(self, batch, projector, output=None, model=None, per_timestep: bool = False):
@@ -554,6 +579,20 @@ class DiffusionTask:
         fn, rows, seg = self._rows(batch, output, m)
         return projected_grads(m, fn, rows, projector, params=self.params,
                                segments=None if per_timestep else seg)
+
+    def features_at(self, batch, t, projector, output=None, model=None) -> torch.Tensor:
+        """Projected gradients ``[B, k]`` of f at one given timestep per image (``t [B]``,
+        noise ``ε(id, t)``) instead of the task's K draws (Journey-TRAK's per-step features).
+
+        Example::
+
+            phi = task.features_at((x0_hat, ids), torch.full((B,), 500), projector)
+        """
+        from .grads import projected_grads
+
+        m = self.model if model is None else model
+        fn, rows, _ = self._rows(batch, output, m, at=t)
+        return projected_grads(m, fn, rows, projector, params=self.params)
 
     def grads(self, batch, output=None, model=None) -> dict:
         """Explicit per-example gradients ``{name: [B, *shape]}`` of ``(1/K) Σ_t f``
@@ -596,6 +635,51 @@ class DiffusionTask:
         m = self.model if model is None else model
         fn, rows, _ = self._rows(batch, output, m)
         return (fn(m, rows) * self.K).reshape(-1, self.K)
+
+    @torch.no_grad()
+    def sample(self, n: int, num_steps: int = 50, seed: int = 0, condition=None, model=None,
+               ids=None) -> Trajectory:
+        """Deterministic DDIM sampling (η = 0, "leading" step spacing ``T//S``, ᾱ = 1 after
+        the last step) of ``n`` samples from Gaussian noise drawn with ``seed``; returns the
+        whole ``Trajectory`` (for Journey-TRAK) with the final images.
+
+        ``ids`` default ``QUERY_IDS + j`` (2⁴⁰ + j), apart from training ids.
+
+        Example::
+
+            traj = task.sample(8, num_steps=50, seed=0)
+            images = traj.images                     # [8, C, H, W]
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) \
+                or not 1 <= num_steps <= self.T:
+            raise ValueError(f"num_steps must be an int in [1, T={self.T}], got {num_steps!r}")
+        if self.sample_shape is None:
+            raise ValueError("sampling needs the image shape: pass sample_shape=(C, H, W) to "
+                             "the task")
+        m = self.model if model is None else model
+        device = next(m.parameters()).device
+        ids = (1 << 40) + torch.arange(n) if ids is None else _ids_tensor(ids)
+        if ids.numel() != n:
+            raise ValueError(f"ids must hold n={n} sample ids, got {ids.numel()}")
+        g = torch.Generator().manual_seed(int(seed))
+        x = torch.randn(n, *self.sample_shape, generator=g).to(device)
+        steps = (torch.arange(num_steps) * (self.T // num_steps)).flip(0)
+        abar = self.alphas_cumprod.to(device)
+        kwargs = _condition_kwargs(condition, n, 1)
+        latents, x0s = [], []
+        for i, t in enumerate(steps.tolist()):
+            tt = torch.full((n,), t, dtype=torch.int64, device=device)
+            eps = _call_model(m, x, tt, kwargs) if self.model_fn is None else \
+                self.model_fn(m, x, tt, **kwargs)
+            a = abar[t].to(x.dtype)
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            latents.append(x)
+            x0s.append(x0)
+            a_prev = abar[steps[i + 1]].to(x.dtype) if i + 1 < num_steps else x.new_tensor(1.0)
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return Trajectory(torch.stack(latents, 1), steps, torch.stack(x0s, 1), x, ids)
 
     def curvature_loss(self) -> DiffusionLoss:
         """The DDPM loss rows of this task's schedule and noise for ``fit_factors``.

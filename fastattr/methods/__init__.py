@@ -4,6 +4,8 @@ construct with a ``fastattr.diffusion.DiffusionTask`` and options, ``fit(train_d
 """
 
 from .base import AttributionMethod, Kernel, TopK
+from .das import DAS
+from .journey import JourneyTRAK
 from .trak import DTRAK, TRAK
 
-__all__ = ["AttributionMethod", "Kernel", "TopK", "TRAK", "DTRAK"]
+__all__ = ["AttributionMethod", "Kernel", "TopK", "TRAK", "DTRAK", "DAS", "JourneyTRAK"]
