@@ -5,7 +5,10 @@ construct with a ``fastattr.diffusion.DiffusionTask`` and options, ``fit(train_d
 
 from .base import AttributionMethod, Kernel, TopK
 from .das import DAS
+from .influence import KFACInfluence
 from .journey import JourneyTRAK
+from .tracin import ReTrac, TracIn
 from .trak import DTRAK, TRAK
 
-__all__ = ["AttributionMethod", "Kernel", "TopK", "TRAK", "DTRAK", "DAS", "JourneyTRAK"]
+__all__ = ["AttributionMethod", "Kernel", "TopK", "TRAK", "DTRAK", "DAS", "KFACInfluence", "JourneyTRAK", "TracIn",
+           "ReTrac"]
