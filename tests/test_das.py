@@ -99,9 +99,12 @@ def _formula(train, test, e, lam=None, leverage=False, squared=False):
     solved = solved.T.reshape(n, m, k)                           # K_λ⁻¹ φ_i^{(j)}
     terms = torch.einsum("xjk,ijk->xij", test, solved)           # [n_test, n, m]
     w = e.clone()
-    if leverage:
-        h = torch.einsum("ijk,ijk->i", train, solved)
-        w = w / (1 - h)
+    if leverage:  # leave-i-out solve by brute force: remove sample i's m rows from the gram
+        for i in range(n):
+            rest = torch.cat([A[:i * m], A[(i + 1) * m:]])
+            loo = torch.linalg.solve(rest.T @ rest + lam * torch.eye(k, dtype=gram.dtype),
+                                     train[i].T)                 # [k, m]
+            terms[:, i] = torch.einsum("xjk,kj->xj", test, loo)
     terms = terms * w[None, :, None]
     return terms.pow(2).sum(2) if squared else terms.sum(2)
 
@@ -167,14 +170,11 @@ def test_output_dim_equals_the_formula(setup):
     feats, _ = das.features((xt, TEST_IDS))
     assert feats.shape == (N_TEST, m, k)
     assert _rel(feats, phi_te) < 1e-4
-    # the summed leverage of m directions reaches 1 sooner than one direction's: λ = 4
-    for opts in [dict(), *({**v, "lam": 4.0} for v in VARIANTS[1:])]:
+    # leverage: the leave-one-out solve of all m rows of a sample (Woodbury), any λ
+    for opts in [dict(), *VARIANTS[1:], *({**v, "lam": 4.0} for v in VARIANTS[1:])]:
         assert _rel(das.score((xt, TEST_IDS), **opts), _formula(phi_tr, phi_te, e, **opts)) < 1e-4
     # the directions are distinct output functions: not m copies of one feature
     assert _rel(feats[:, 0], feats[:, 1]) > 0.1
-    # ... and passes it at a small λ: refused, not divided through
-    with pytest.raises(ValueError, match="1 − h_i <= 0"):
-        das.score((xt, TEST_IDS), lam=0.5, leverage=True)
 
 
 def test_features_do_not_depend_on_batch_size_or_order(setup):

@@ -12,9 +12,10 @@ the projection ``P`` (k columns):
   task's K draws, ``e_i = mean_t u_t / ‖u‖₂``;
 - ``score(x, i) = Σ_j φ^{(j)}(x)ᵀ K_λ⁻¹ φ_i^{(j)} · w_i`` and, ``squared``,
   ``Σ_j (φ^{(j)}(x)ᵀ K_λ⁻¹ φ_i^{(j)} · w_i)²`` (the paper's ``‖J(x) Δθ_i‖²``), with
-  ``w_i = e_i`` (1 without ``residual_weights``), divided by ``1 − h_i`` with ``leverage``:
-  the train self-leverage ``h_i = Σ_j φ_i^{(j)ᵀ} K_λ⁻¹ φ_i^{(j)}`` (Sherman–Morrison
-  leave-one-out).
+  ``w_i = e_i`` (1 without ``residual_weights``); with ``leverage`` the solve is the
+  leave-i-out one, ``K_λ⁻¹`` replaced by ``(K_λ − Φ_iᵀΦ_i)⁻¹``: for m = 1 the division by
+  ``1 − h_i`` with the train self-leverage ``h_i = φ_iᵀ K_λ⁻¹ φ_i`` (Sherman–Morrison), for
+  m > 1 the Woodbury form ``K_λ⁻¹ Φ_iᵀ (I − Φ_i K_λ⁻¹ Φ_iᵀ)⁻¹`` over the sample's m rows.
 
 ``output_dim = 1`` is the official code's ``mean`` output (``f = mean_pixels ε_θ``).
 ``output_dim = m > 1`` compresses the d-dim output with m Gaussian directions instead:
@@ -100,7 +101,8 @@ class DAS(AttributionMethod):
             true ``‖g_t‖`` from materialised per-row gradients: memory ``B·K × p`` per
             batch, for small models / LoRA parameters only).
         residual_weights: multiply train column i by its residual weight ``e_i``.
-        leverage: divide train column i by ``1 − h_i`` (train self-leverage).
+        leverage: the leave-one-out solve: train column i divided by ``1 − h_i`` (train
+            self-leverage; Woodbury over the m rows when m > 1).
         squared: the squared score ``Σ_j (…)²`` instead of the signed one.
         projector: "rademacher" or "gaussian"; seed: the projection seed (and that of the
             output directions when m > 1).
@@ -212,23 +214,23 @@ class DAS(AttributionMethod):
 
     # ----------------------------------------------------------------------- scoring
 
-    def _column_weights(self, lam: float, leverage: bool) -> torch.Tensor:
-        """``w_i`` (float64 ``[n]``): ``e_i`` (or 1), divided by ``1 − h_i`` with leverage."""
+    def _train_side(self, lam: float, leverage: bool) -> tuple:
+        """The train rows ``ΦV`` (``[n, m, k]``) and column weights ``w_i`` (``e_i`` or 1).
+
+        With leverage, sample i's rows become those of the leave-i-out solve:
+        ``(K − Φ_iᵀΦ_i)⁻¹ Φ_iᵀ = K⁻¹ Φ_iᵀ (I − H_i)⁻¹`` with ``H_i = Φ_i K⁻¹ Φ_iᵀ``
+        (m × m; Woodbury). For m = 1 that is the division by ``1 − h_i``; for m > 1 it mixes
+        the sample's directions, and ``I − H_i`` is positive definite for every λ > 0."""
         n, m = self.residuals.numel(), self.output_dim
         w = self.residuals.to(torch.float64) if self.residual_weights else \
             torch.ones(n, dtype=torch.float64)
+        right = self.kernel.rotated.reshape(n, m, -1)
         if leverage:
-            h = self.kernel.leverage(lam).reshape(n, m).sum(1)
-            bad = (1 - h) <= 0
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0])
-                raise ValueError(
-                    f"leverage: 1 − h_i <= 0 for {int(bad.sum())} train sample(s) (first: "
-                    f"position {i}, h = {float(h[i]):.6g}) at λ = {lam:.6g}; h_i < 1 holds for "
-                    f"output_dim = 1 and λ > 0, while the summed leverage of m > 1 directions "
-                    f"can reach m: use a larger λ or leverage=False")
-            w = w / (1 - h)
-        return w
+            r = right.to(torch.float64)
+            H = torch.einsum("nlk,njk->nlj", r / (self.kernel.eigenvalues + lam), r)
+            M = torch.linalg.inv(torch.eye(m, dtype=H.dtype) - H)
+            right = torch.einsum("nlk,nlj->njk", r, M).to(torch.float32)
+        return right, w
 
     def _score_features(self, feats: torch.Tensor, lam, squared: bool,
                         leverage: bool) -> torch.Tensor:
@@ -236,8 +238,7 @@ class DAS(AttributionMethod):
         lam = kernel.resolve(lam)
         n_test, m, k = feats.shape
         left = kernel.solve(feats.reshape(-1, k), lam).reshape(n_test, m, k)
-        right = kernel.rotated.reshape(-1, m, k)
-        w = self._column_weights(lam, leverage)
+        right, w = self._train_side(lam, leverage)
         if not squared:
             return chunked_scores(left.reshape(n_test, m * k), right.reshape(-1, m * k), w)
         total = torch.zeros(n_test, right.shape[0], dtype=torch.float32)
