@@ -39,7 +39,12 @@ OUTPUTS = ("loss", "square", "mean", "l1", "l2", "linf", "elbo")
 class Rows(NamedTuple):
     """The data of one batch: ``outputs [N, ...]`` (model outputs, part of the autograd
     graph), ``targets [N, ...]`` (same shape; the loss is the mean squared error over the
-    non-leading dims) and ``ids`` (``int64 [N]`` stable datum ids, or ``None``)."""
+    non-leading dims) and ``ids`` (``int64 [N]`` stable datum ids, or ``None``).
+
+    Example::
+
+        rows = Rows(model(x), y, ids)      # what a fit_factors loss returns
+    """
 
     outputs: torch.Tensor
     targets: torch.Tensor
@@ -48,7 +53,12 @@ class Rows(NamedTuple):
 
 def ddpm_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
                         beta_end: float = 0.02) -> torch.Tensor:
-    """ᾱ_t of DDPM's linear schedule (float64 ``[T]``), as diffusers' ``DDPMScheduler``."""
+    """ᾱ_t of DDPM's linear schedule (float64 ``[T]``), as diffusers' ``DDPMScheduler``.
+
+    Example::
+
+        abar = ddpm_alphas_cumprod(1000)
+    """
     betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
     return torch.cumprod(1.0 - betas, 0)
 
@@ -220,7 +230,12 @@ class DiffusionLoss:
         self.model_fn = model_fn
 
     def config(self) -> dict:
-        """What determines the rows (recorded with fitted factors)."""
+        """What determines the rows (recorded with fitted factors).
+
+        Example::
+
+            DiffusionLoss(timesteps="uniform").config()["timesteps"]    # 'uniform'
+        """
         return {"loss": "ddpm", "T": self.alphas_cumprod.numel(), "timesteps": self.timesteps,
                 "noise_seed": self.noise_seed}
 
@@ -349,7 +364,13 @@ class Trajectory(NamedTuple):
     """A DDIM sampling run of n samples over S steps: ``latents [n, S, C, H, W]`` (x_t fed
     to the model at each step), ``steps [S]`` (their timesteps, descending),
     ``x0_hat [n, S, C, H, W]`` (the model's prediction of x_0 at each step), ``images``
-    (the final samples) and ``ids`` (sample ids keying the noise of per-step features)."""
+    (the final samples) and ``ids`` (sample ids keying the noise of per-step features).
+
+    Example::
+
+        traj = task.sample(4, num_steps=20)
+        traj.x0_hat[:, -1]          # the last step's prediction of x_0
+    """
 
     latents: torch.Tensor
     steps: torch.Tensor
@@ -436,7 +457,12 @@ class DiffusionTask:
 
     @property
     def T(self) -> int:
-        """The number of diffusion timesteps of the schedule."""
+        """The number of diffusion timesteps of the schedule.
+
+        Example::
+
+            task.T        # 1000 for DDPM
+        """
         return self.alphas_cumprod.numel()
 
     def __repr__(self) -> str:

@@ -26,7 +26,13 @@ QUERY_IDS = 1 << 40
 
 class TopK(NamedTuple):
     """``values [n_test, k]`` and ``indices [n_test, k]`` (positions in the training data,
-    in fit order) of the largest scores, and ``ids [n_test, k]`` (the training ids)."""
+    in fit order) of the largest scores, and ``ids [n_test, k]`` (the training ids).
+
+    Example::
+
+        top = method.top_k(test_images, k=5)
+        best_ids = top.ids[:, 0]
+    """
 
     values: torch.Tensor
     indices: torch.Tensor
@@ -34,7 +40,12 @@ class TopK(NamedTuple):
 
 
 def check_lam(lam, allow_none: bool = True):
-    """λ must be a float > 0 (or None for the method's relative default)."""
+    """λ must be a float > 0 (or None for the method's relative default).
+
+    Example::
+
+        lam = check_lam(1e-2)        # ValueError for 0, negative or NaN
+    """
     if lam is None and allow_none:
         return None
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) \
@@ -57,6 +68,11 @@ class Kernel:
     that scores for any λ cost one small matmul: ``φᵀ K_λ⁻¹ φ_i = ((φV) / (s+λ)) · (φ_i V)``.
 
     ``rotated`` holds the train features in the eigenbasis ``ΦV`` (float32 ``[n, k]``).
+
+    Example::
+
+        kernel = Kernel(phi_train)                       # [n, k]
+        scores = kernel.solve(phi_test, 0.1) @ kernel.rotated.T
     """
 
     def __init__(self, features: torch.Tensor):
@@ -75,7 +91,12 @@ class Kernel:
         return self.V.shape[0]
 
     def default_lam(self) -> float:
-        """λ when none is given: 0.1 × the mean eigenvalue of ΦᵀΦ (scale-free)."""
+        """λ when none is given: 0.1 × the mean eigenvalue of ΦᵀΦ (scale-free).
+
+        Example::
+
+            lam = kernel.default_lam()
+        """
         return 0.1 * float(self.eigenvalues.mean()) or 1e-12
 
     def resolve(self, lam) -> float:
@@ -83,12 +104,22 @@ class Kernel:
         return self.default_lam() if lam is None else lam
 
     def solve(self, features: torch.Tensor, lam: float) -> torch.Tensor:
-        """``(φ V) / (s + λ)``: test features ready to be dotted with ``rotated`` rows."""
+        """``(φ V) / (s + λ)``: test features ready to be dotted with ``rotated`` rows.
+
+        Example::
+
+            left = kernel.solve(phi_test, lam)    # scores = left @ kernel.rotated.T
+        """
         rot = features.to(torch.float64) @ self.V.to(features.device)
         return (rot / (self.eigenvalues.to(features.device) + lam)).to(torch.float32)
 
     def leverage(self, lam: float) -> torch.Tensor:
-        """Train self-leverage ``h_i = φ_iᵀ K_λ⁻¹ φ_i`` (float64 ``[n]``)."""
+        """Train self-leverage ``h_i = φ_iᵀ K_λ⁻¹ φ_i`` (float64 ``[n]``).
+
+        Example::
+
+            h = kernel.leverage(0.1)
+        """
         r = self.rotated.to(torch.float64)
         return (r * r / (self.eigenvalues + lam)).sum(1)
 
@@ -98,6 +129,13 @@ class AttributionMethod:
 
     Subclasses implement ``_fit(train_data)`` and ``_score(test_data, **options)`` and set
     ``name``; ``options()`` returns what determines the train-side state (store config).
+
+    Example::
+
+        class MyMethod(AttributionMethod):
+            name = "mine"
+            def _fit(self, train_data): ...      # returns the train ids
+            def _score(self, test_data): ...     # returns [n_test, n_train]
     """
 
     name = "method"
@@ -123,11 +161,21 @@ class AttributionMethod:
     # ------------------------------------------------------------------ options / store
 
     def options(self) -> dict:
-        """The method options that determine the train-side state."""
+        """The method options that determine the train-side state.
+
+        Example::
+
+            method.options()      # e.g. {'k': 4096, 'projector': 'rademacher', ...}
+        """
         return {}
 
     def models(self) -> list:
-        """The models whose gradients are used (ensemble members / checkpoints)."""
+        """The models whose gradients are used (ensemble members / checkpoints).
+
+        Example::
+
+            len(method.models())
+        """
         return [self.task.model]
 
     def store_config(self) -> dict:
@@ -136,7 +184,13 @@ class AttributionMethod:
                 "batch_size": self.batch_size}
 
     def store(self):
-        """The ``FeatureStore`` of this method (opened on first use), or None."""
+        """The ``FeatureStore`` of this method (opened on first use), or None.
+
+        Example::
+
+            store = method.store()
+            store.chunks("features_0") if store else None
+        """
         if self.store_path is None:
             return None
         if self._store is None:
@@ -161,7 +215,12 @@ class AttributionMethod:
         """One pass over ``data``: ``compute(batch) -> {key: Tensor[B, ...]}`` per batch,
         concatenated (plus ``ids``). With a store and ``name``, each batch is a chunk:
         existing chunks are read back (their ids checked), missing ones computed and
-        written atomically, so an interrupted pass resumes where it stopped."""
+        written atomically, so an interrupted pass resumes where it stopped.
+
+        Example::
+
+            out = method.featurize(data, lambda b: {"x": b[0].flatten(1)}, None, "pass")
+        """
         total, batches = self.task.batches(data, self.batch_size, arg,
                                            QUERY_IDS if arg == "test_data" else 0)
         store = self.store() if name is not None else None
@@ -190,7 +249,12 @@ class AttributionMethod:
 
     def fit(self, train_data) -> "AttributionMethod":
         """Compute the train-side state from ``train_data`` (see ``DiffusionTask.batches``
-        for the accepted forms); returns ``self``."""
+        for the accepted forms); returns ``self``.
+
+        Example::
+
+            method = DTRAK(task, k=2048).fit(train_images)
+        """
         ids = self._fit(train_data)
         if torch.unique(ids).numel() != ids.numel():
             raise ValueError("train_data holds repeated sample ids: ids must identify samples")
@@ -203,12 +267,22 @@ class AttributionMethod:
 
         ``test_data`` takes the forms of ``fit``; a bare Tensor of images gets the ids
         ``QUERY_IDS + j`` (2⁴⁰ + j), so its noise draws differ from the training images'
-        (give explicit ids to score training images against themselves)."""
+        (give explicit ids to score training images against themselves).
+
+        Example::
+
+            scores = method.score(test_images)     # [n_test, n_train]
+        """
         self._require_fit()
         return self._score(test_data, **options)
 
     def top_k(self, test_data, k: int = 10, **options) -> TopK:
-        """The k strongest proponents of every test sample (``TopK``)."""
+        """The k strongest proponents of every test sample (``TopK``).
+
+        Example::
+
+            top = method.top_k(test_images, k=5)    # .values, .indices, .ids
+        """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         scores = self.score(test_data, **options)
@@ -227,7 +301,12 @@ class AttributionMethod:
 def chunked_scores(left: torch.Tensor, right: torch.Tensor, weights=None,
                    chunk: int = 8192) -> torch.Tensor:
     """``left @ right.T`` (``[n_test, n_train]`` float32) in train chunks, each column scaled
-    by ``weights`` when given: bounded temporaries whatever n_train is."""
+    by ``weights`` when given: bounded temporaries whatever n_train is.
+
+    Example::
+
+        scores = chunked_scores(left, kernel.rotated, weights=residuals)
+    """
     out = torch.empty(left.shape[0], right.shape[0], dtype=torch.float32)
     for j in range(0, right.shape[0], chunk):
         block = left @ right[j:j + chunk].to(left.device).T

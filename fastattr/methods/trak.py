@@ -62,14 +62,32 @@ class TRAK(AttributionMethod):
         self.kernels = []
 
     def models(self) -> list:
+        """The ensemble members.
+
+        Example::
+
+            len(trak.models())
+        """
         return [t.model for t in self.tasks]
 
     def options(self) -> dict:
+        """k, projector kind, seed, output function and number of members (store config).
+
+        Example::
+
+            trak.options()["k"]
+        """
         return {"k": self.k, "projector": self.kind, "seed": self.seed,
                 "output": _output_name(self.output), "members": len(self.tasks)}
 
     def features(self, data, member: int = 0, name=None, arg: str = "data") -> torch.Tensor:
-        """Projected features ``[n, k]`` of ``data`` under ensemble member ``member``."""
+        """``(features [n, k], ids [n])``: the projected gradients of ``data`` under
+        ensemble member ``member`` (``name``: the store entry, None for no store).
+
+        Example::
+
+            phi, ids = trak.features(train_images)
+        """
         task, proj = self.tasks[member], self.projectors[member]
         out = self.featurize(data, lambda b: {"features": task.features(b, proj, self.output)},
                              name, f"{self.name} features ({member + 1}/{len(self.tasks)})",
