@@ -126,11 +126,15 @@ def test_store_resumes_an_interrupted_fit(setup, tmp_path):
     store = tmp_path / "store"
     script = _KILLED_FIT.format(tests=os.path.dirname(__file__), K=K, k=k, store=str(store),
                                 n=N_TRAIN)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-         os.environ.get("PYTHONPATH", "")])}
+    # the child imports the very fastattr this process runs (an installed build or the source
+    # tree with its compiled extension), not whatever its working directory would put first
+    import fastattr
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(fastattr.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root,
+                                                        os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 17, res.stderr
     from fastattr.store import FeatureStore
 
