@@ -1,0 +1,295 @@
+"""The built-in LDS benchmark "digits": every fastattr method on the same retrained models.
+
+``run_lds(methods, size)`` follows shared/METHODS.md's LDS protocol on the digits data
+(``fastattr.data``) and the fixed training recipe (``fastattr.train``):
+
+1. the full model is trained on the first ``n_train`` training images (with checkpoints for
+   TracIn / ReTrac) and draws the generated set (deterministic DDIM);
+2. M subsets of half the training images (``fastattr.lds.subsets``), one model per subset
+   and seed, trained with the same recipe and cached (``fastattr.lds.Retrainer``: resumable,
+   ``workers`` processes, the GPU when there is one);
+3. the loss of every validation and generated sample under every subset model over fixed
+   (t, ε) draws keyed by sample id (common random numbers), averaged over the seeds;
+4. each method is fitted on the full model and scores both test sets; methods with a λ
+   sweep a grid and λ is chosen on a held-out half of the test samples
+   (``fastattr.lds.select_lambda``), the eval-set-tuned figure reported beside, labelled.
+
+Sizes (``SIZES``): ``quick`` is a smoke run (a few minutes on a 2-core CPU; its figures are
+noise), ``full`` the benchmark of the README. Results: a table, JSON and a bar chart PNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["LDSSize", "SIZES", "METHODS", "run_lds", "format_table", "write_chart"]
+
+METHODS = ("das", "dtrak", "trak", "kfac", "tracin", "retrac")
+
+
+@dataclasses.dataclass(frozen=True)
+class LDSSize:
+    """One size of the benchmark.
+
+    Attributes:
+        n_train: the first ``n_train`` digits training images are the training set.
+        steps / batch_size: the training recipe of the full and every subset model.
+        num_subsets / seeds: M subsets, S training seeds per subset.
+        n_val / n_gen: validation images (digits test split) and generated samples.
+        K / k: timesteps per example and projection dimension of the features.
+        eval_K / eval_seeds: uniform timesteps and noise seeds of the measurement.
+        checkpoints: TracIn / ReTrac checkpoints of the full model's run.
+        sample_steps: DDIM steps drawing the generated set.
+        lam_scales: λ grid relative to each method's default λ (TRAK / D-TRAK / DAS) and
+            the absolute damping grid of K-FAC influence is ``kfac_damping``.
+
+    Example::
+
+        size = dataclasses.replace(SIZES["quick"], num_subsets=16)
+    """
+
+    n_train: int
+    steps: int
+    batch_size: int
+    num_subsets: int
+    seeds: int
+    n_val: int
+    n_gen: int
+    K: int
+    k: int
+    eval_K: int
+    eval_seeds: tuple
+    checkpoints: int
+    sample_steps: int = 50
+    lam_scales: tuple = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    kfac_damping: tuple = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+
+
+SIZES = {
+    "quick": LDSSize(n_train=128, steps=120, batch_size=64, num_subsets=6, seeds=1, n_val=16,
+                     n_gen=8, K=2, k=256, eval_K=10, eval_seeds=(0,), checkpoints=2),
+    "full": LDSSize(n_train=1500, steps=1000, batch_size=128, num_subsets=48, seeds=1,
+                    n_val=96, n_gen=32, K=10, k=2048, eval_K=50, eval_seeds=(0, 1),
+                    checkpoints=4),
+}
+
+
+def _train_fn(indices, seed, device="cpu", *, steps, batch_size):
+    """A subset model of the benchmark's recipe (module level: picklable for workers)."""
+    from .train import RECIPES, Recipe, train_digits
+
+    recipe = Recipe(**{**dataclasses.asdict(RECIPES["quick"]), "steps": steps,
+                       "batch_size": batch_size, "warmup": min(50, max(1, steps // 10))})
+    return train_digits(indices, seed=seed, size=recipe, device=device, progress=False,
+                        use_cache=False)
+
+
+def _method(name: str, task, size: LDSSize, ckpts, progress: bool):
+    from .methods import DAS, DTRAK, TRAK, KFACInfluence, ReTrac, TracIn
+
+    common = dict(progress=progress)
+    if name == "das":
+        return DAS(task, k=size.k, **common)
+    if name == "dtrak":
+        return DTRAK(task, k=size.k, **common)
+    if name == "trak":
+        return TRAK(task, k=size.k, **common)
+    if name == "kfac":
+        return KFACInfluence(task, strategy="ekfac", **common)
+    if name in ("tracin", "retrac"):
+        cls = TracIn if name == "tracin" else ReTrac
+        return cls(task, checkpoints=ckpts.models, learning_rates=ckpts.learning_rates,
+                   k=size.k, **common)
+    raise ValueError(f"unknown method {name!r}: expected a subset of {METHODS}")
+
+
+def _lam_grid(name: str, method, size: LDSSize):
+    """The λ grid of a method (None: the method has no λ)."""
+    if name in ("dtrak", "trak"):
+        base = method.kernels[0].default_lam()
+    elif name == "das":
+        base = method.kernel.default_lam()
+    elif name == "kfac":
+        return list(size.kfac_damping)
+    else:
+        return None
+    return [base * s for s in size.lam_scales]
+
+
+def _evaluate(name, method, test, masks, F, size: LDSSize):
+    from .lds import lds, select_lambda
+
+    lams = _lam_grid(name, method, size)
+    if lams is None:
+        res = lds(method.score(test), masks, F)
+        return {"heldout": res.as_dict(), "tuned_on_eval": None, "lam": None}
+    sel = select_lambda(method.sweep_lambda(test, lams), lams, masks, F)
+    return {"heldout": sel.heldout.as_dict(), "tuned_on_eval": sel.tuned_on_eval.as_dict(),
+            "lam": sel.lam}
+
+
+def run_lds(methods=METHODS, size="quick", cache_dir=None, workers: int = 1,
+            progress: bool = True, log=print) -> dict:
+    """Run the digits LDS benchmark for ``methods`` (names of ``METHODS``) at ``size``
+    ("quick", "full" or an ``LDSSize``); models and retraining runs are cached under
+    ``cache_dir`` (default ``fastattr.train.default_cache_dir()``), so a re-run (or an
+    interrupted one) reuses them. Returns a JSON-ready dict (``format_table`` prints it).
+
+    Example::
+
+        results = run_lds(["dtrak", "trak"], size="quick")
+        print(format_table(results))
+    """
+    from .data import digits
+    from .diffusion import DiffusionTask
+    from .lds import Retrainer, measure
+    from .models import digits_unet
+    from .train import default_cache_dir
+
+    cfg = SIZES[size] if isinstance(size, str) and size in SIZES else size
+    if not isinstance(cfg, LDSSize):
+        raise ValueError(f"size must be one of {tuple(SIZES)} or an LDSSize, got {size!r}")
+    methods = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods)]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be names from {METHODS}, got {unknown or methods}")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    timings = {}
+    clock = time.perf_counter()
+
+    train_fn = functools.partial(_train_fn, steps=cfg.steps, batch_size=cfg.batch_size)
+    recipe = {"steps": cfg.steps, "batch_size": cfg.batch_size, "data": "sklearn-digits"}
+    retrainer = Retrainer(train_fn, root / "lds" / f"digits-{cfg.n_train}-{cfg.steps}",
+                          cfg.n_train, cfg.num_subsets, cfg.seeds, make_model=digits_unet,
+                          config=recipe, workers=workers, device=device, progress=progress)
+    from .train import RECIPES, Recipe, train_digits
+
+    full_recipe = Recipe(**{**dataclasses.asdict(RECIPES["quick"]), "steps": cfg.steps,
+                            "batch_size": cfg.batch_size,
+                            "warmup": min(50, max(1, cfg.steps // 10))})
+    model, ckpts = train_digits(range(cfg.n_train), seed=0, size=full_recipe, device=device,
+                                progress=progress, checkpoints=cfg.checkpoints,
+                                cache_dir=root)
+    timings["full model"] = time.perf_counter() - clock
+    log(f"digits LDS ({size if isinstance(size, str) else 'custom'}): {cfg.n_train} training "
+        f"images, {cfg.num_subsets} subsets x {cfg.seeds} seed(s), {cfg.steps} steps each")
+
+    clock = time.perf_counter()
+    retrainer.run()
+    timings["retraining"] = time.perf_counter() - clock
+
+    train = digits("train").subset(range(cfg.n_train)).batch()
+    val = digits("test").subset(range(cfg.n_val)).batch()
+    task = DiffusionTask(model, samples_per_example=cfg.K, timesteps="uniform")
+    gen = task.sample(cfg.n_gen, num_steps=cfg.sample_steps, seed=0)
+    test_sets = {"val": val, "gen": (gen.images, gen.ids)}
+
+    clock = time.perf_counter()
+    eval_task = DiffusionTask(model, samples_per_example=cfg.eval_K, timesteps="uniform")
+    F = {name: measure(retrainer, data, eval_task, eval_seeds=list(cfg.eval_seeds),
+                       progress=progress) for name, data in test_sets.items()}
+    timings["measurement"] = time.perf_counter() - clock
+
+    results = {"size": dataclasses.asdict(cfg), "device": device, "methods": {},
+               "timings": timings, "torch": torch.__version__}
+    masks = retrainer.masks
+    for name in methods:
+        clock = time.perf_counter()
+        method = _method(name, task, cfg, ckpts, progress).fit(train)
+        entry = {s: _evaluate(name, method, data, masks, F[s], cfg)
+                 for s, data in test_sets.items()}
+        entry["seconds"] = time.perf_counter() - clock
+        results["methods"][name] = entry
+        log(f"  {name}: val LDS {_fmt(entry['val']['heldout'])}, gen LDS "
+            f"{_fmt(entry['gen']['heldout'])} ({entry['seconds']:.1f} s)")
+    return results
+
+
+def _fmt(res: dict) -> str:
+    mean, lo, hi = res["mean"], res["ci_low"], res["ci_high"]
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    if lo is None or hi is None:
+        return f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def format_table(results: dict) -> str:
+    """The results as a text table: LDS (%) with the 95% bootstrap CI on the validation and
+    generated sets (λ chosen on the held-out half), and each method's wall time.
+
+    Example::
+
+        print(format_table(run_lds(size="quick")))
+    """
+    rows = [("method", "LDS val (held-out λ)", "LDS gen (held-out λ)", "val, λ tuned on eval",
+             "seconds")]
+    for name, e in results["methods"].items():
+        tuned = e["val"]["tuned_on_eval"]
+        rows.append((name, _fmt(e["val"]["heldout"]), _fmt(e["gen"]["heldout"]),
+                     _fmt(tuned) if tuned else "-", f"{e['seconds']:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_chart(results: dict, path) -> None:
+    """A bar chart PNG of the LDS (val and gen, held-out λ) with CI whiskers (Pillow).
+
+    Example::
+
+        write_chart(results, "lds.png")
+    """
+    from PIL import Image, ImageDraw
+
+    names = list(results["methods"])
+    W, H, pad, bar = 120 + 90 * len(names), 320, 40, 28
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    lo_v, hi_v = -0.2, 1.0
+    y = lambda v: H - pad - (v - lo_v) / (hi_v - lo_v) * (H - 2 * pad)  # noqa: E731
+    d.line([(pad, y(0)), (W - 10, y(0))], fill="black")
+    for tick in (-0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        d.text((4, y(tick) - 6), f"{tick:+.1f}", fill="gray")
+    colors = {"val": (66, 133, 244), "gen": (244, 160, 0)}
+    for i, name in enumerate(names):
+        x0 = pad + 20 + 90 * i
+        for j, split in enumerate(("val", "gen")):
+            r = results["methods"][name][split]["heldout"]
+            m = r["mean"]
+            if m is None or (isinstance(m, float) and math.isnan(m)):
+                continue
+            xa = x0 + j * (bar + 4)
+            d.rectangle([xa, min(y(m), y(0)), xa + bar, max(y(m), y(0))], fill=colors[split])
+            if r["ci_low"] is not None and r["ci_high"] is not None:
+                xc = xa + bar // 2
+                d.line([(xc, y(r["ci_low"])), (xc, y(r["ci_high"]))], fill="black")
+        d.text((x0, H - pad + 6), name, fill="black")
+    d.text((pad, 8), "LDS (held-out λ): blue = validation, orange = generated", fill="black")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_results(results: dict, path) -> None:
+    """Write the results as JSON atomically (temp file, then rename).
+
+    Example::
+
+        save_results(results, "lds.json")
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=float))
+    os.replace(tmp, path)

@@ -1,0 +1,56 @@
+"""The digits LDS benchmark runs end to end (a tiny size: the pipeline, not the figures),
+writes its table, JSON and chart, and a re-run reuses every trained model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastattr import digits_lds
+from fastattr.digits_lds import LDSSize, format_table, run_lds, save_results, write_chart
+
+TINY = LDSSize(n_train=12, steps=4, batch_size=8, num_subsets=4, seeds=1, n_val=4, n_gen=2,
+               K=1, k=32, eval_K=2, eval_seeds=(0,), checkpoints=2, sample_steps=4)
+
+
+def test_tiny_benchmark_end_to_end(tmp_path):
+    pytest.importorskip("PIL")
+    results = run_lds(["dtrak", "das", "tracin"], size=TINY, cache_dir=tmp_path,
+                      progress=False, log=lambda *a: None)
+    assert set(results["methods"]) == {"dtrak", "das", "tracin"}
+    for name, entry in results["methods"].items():
+        for split in ("val", "gen"):
+            res = entry[split]["heldout"]
+            assert res["mean"] is None or -1.0 <= res["mean"] <= 1.0
+            assert len(res["per_test"]) >= 1
+        assert (entry["val"]["lam"] is None) == (name == "tracin")
+    table = format_table(results)
+    assert "dtrak" in table and "LDS val" in table
+    save_results(results, tmp_path / "lds.json")
+    assert json.loads((tmp_path / "lds.json").read_text())["size"]["n_train"] == 12
+    write_chart(results, tmp_path / "lds.png")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "lds.png").size[0] > 200
+    # a second run trains nothing: every subset model comes from the cache
+    calls = []
+    original = digits_lds._train_fn
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    digits_lds._train_fn = counting
+    try:
+        run_lds(["dtrak"], size=TINY, cache_dir=tmp_path, progress=False, log=lambda *a: None)
+    finally:
+        digits_lds._train_fn = original
+    assert calls == []
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="methods must be names from"):
+        run_lds(["dtrak", "lissa"], size=TINY, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="size must be one of"):
+        run_lds(["dtrak"], size="huge", cache_dir=tmp_path)
