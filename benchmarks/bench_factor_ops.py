@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from bench_common import machine_info, write_json_atomic
+
 import torch
 import torch.nn.functional as F
 
@@ -68,23 +70,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: the first two cases of each kernel, 3 repeats")
+    parser.add_argument("--json", default=None, help="write all rows and the machine record here")
     args = parser.parse_args()
+    cov_cases, lam_cases = COVARIANCE_CASES, LAMBDA_CASES
+    if args.quick:
+        cov_cases, lam_cases, args.repeats = cov_cases[:2], lam_cases[:2], 3
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    rows = []
     print(f"threads={args.threads}, median of {args.repeats}, times in ms")
     print(f"{'covariance':34s} {'ours':>8s} {'torch':>8s} {'ratio':>6s}")
-    for name, shape, conv in COVARIANCE_CASES:
+    for name, shape, conv in cov_cases:
         x = torch.randn(*shape)
         ours = median_time(lambda: cpu.covariance(x, conv, False), args.repeats)
         ref = median_time(lambda: torch_covariance(x, conv), args.repeats)
+        rows.append(dict(op="covariance", case=name, ours_s=ours, torch_s=ref))
         print(f"{name:34s} {ours * 1e3:8.3f} {ref * 1e3:8.3f} {ours / ref:6.2f}")
     print(f"{'ekfac_lambda':34s} {'ours':>8s} {'torch':>8s} {'ratio':>6s}")
-    for name, n, p, f, o in LAMBDA_CASES:
+    for name, n, p, f, o in lam_cases:
         a, g = torch.randn(n, p, f), torch.randn(n, p, o)
         ours = median_time(lambda: cpu.ekfac_lambda(a, g), args.repeats)
         ref = median_time(lambda: (g.transpose(1, 2) @ a).square().sum(0), args.repeats)
+        rows.append(dict(op="ekfac_lambda", case=name, ours_s=ours, torch_s=ref))
         print(f"{name:34s} {ours * 1e3:8.3f} {ref * 1e3:8.3f} {ours / ref:6.2f}")
-
+    if args.json:
+        write_json_atomic(args.json, {"benchmark": "factor_ops", "machine": machine_info(),
+                                      "threads": args.threads, "repeats": args.repeats,
+                                      "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -3,14 +3,20 @@
 ``fastattr demo``      train (or reuse) a diffusion model of handwritten digits, draw 8 samples,
                       attribute them to the training images with DAS and D-TRAK, write
                       ``attribution.png`` (about 4 minutes on a 2-core CPU from a cold cache)
+``fastattr lds``       the digits LDS benchmark: every method's LDS with bootstrap CIs on the
+                      validation and generated sets, a table, JSON and a bar chart
+``fastattr bench``     run the microbenchmarks of the repository's ``benchmarks/`` scripts
 ``fastattr backends``  which compute backends are available here, and why not
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -44,6 +50,97 @@ def _cmd_demo(args) -> int:
                 log=print)
     print(f"\nDone in {time.perf_counter() - start:.1f} s (torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads).")
+    return 0
+
+
+def _cmd_lds(args) -> int:
+    """Run the digits LDS benchmark, print the table, write JSON and the chart."""
+    import torch
+
+    from fastattr.digits_lds import format_table, run_lds, save_results, write_chart
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = run_lds(args.methods, size=args.size, cache_dir=args.cache_dir,
+                      workers=args.workers, progress=not args.no_progress, log=print)
+    results["wall_seconds"] = time.perf_counter() - start
+    print()
+    print(format_table(results))
+    save_results(results, out / "lds.json")
+    write_chart(results, out / "lds.png")
+    print(f"\nwrote {out / 'lds.json'} and {out / 'lds.png'} "
+          f"({results['wall_seconds'] / 60:.1f} min)")
+    return 0
+
+
+# the microbenchmarks `fastattr bench` runs, in order: script stem -> what it measures
+BENCHMARKS = {
+    "projection": "random projection throughput per backend vs traker and torch.matmul",
+    "psg": "projected per-sample gradients of the digits UNet vs torch.func + projection",
+    "factor_ops": "CPU curvature kernels (covariance, EK-FAC lambda) vs torch",
+    "curvature": "EK-FAC factor fitting vs kronfluence",
+}
+
+
+def _benchmarks_dir(explicit) -> Path:
+    """The ``benchmarks/`` directory: ``--benchmarks-dir``, ``$FASTATTR_BENCHMARKS``, the
+    checkout the package was imported from, or the working directory's."""
+    import fastattr
+
+    if explicit:
+        if not (Path(explicit) / "bench_common.py").is_file():
+            raise SystemExit(f"fastattr bench: --benchmarks-dir {explicit} holds no benchmark "
+                             "scripts (expected bench_common.py and bench_*.py)")
+        return Path(explicit)
+    candidates = [os.environ.get("FASTATTR_BENCHMARKS"),
+                  Path(fastattr.__file__).resolve().parents[1] / "benchmarks",
+                  Path.cwd() / "benchmarks"]
+    for c in candidates:
+        if c and (Path(c) / "bench_common.py").is_file():
+            return Path(c)
+    raise SystemExit("fastattr bench: the benchmark scripts live in the repository's "
+                     "benchmarks/ directory, which is not installed with the package; run "
+                     "from a checkout or pass --benchmarks-dir DIR")
+
+
+def _cmd_bench(args) -> int:
+    """Run the chosen benchmark scripts one after another; each prints its own table."""
+    names = list(BENCHMARKS) if not args.names else args.names
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise SystemExit(f"fastattr bench: unknown benchmark(s) {', '.join(unknown)}; "
+                         f"expected names from {', '.join(BENCHMARKS)}")
+    if args.list:
+        for name, what in BENCHMARKS.items():
+            print(f"  {name:<11} {what}")
+        return 0
+    import fastattr
+
+    bench_dir = _benchmarks_dir(args.benchmarks_dir)
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for name in names:
+        cmd = [sys.executable, str(bench_dir / f"bench_{name}.py")]
+        if args.quick:
+            cmd.append("--quick")
+        if out:
+            cmd += ["--json", str(out / f"{name}.json")]
+        print(f"== {name}: {' '.join(cmd)}", flush=True)
+        # the scripts import bench_common from their own directory, and the same fastattr
+        # as this process (a checkout's package may not be installed)
+        package_root = str(Path(fastattr.__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(bench_dir), package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        if subprocess.run(cmd, env=env).returncode != 0:
+            failed.append(name)
+    if failed:
+        print(f"fastattr bench: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -90,6 +187,51 @@ def build_parser() -> argparse.ArgumentParser:
                       help="torch CPU threads (default: torch's choice)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
+
+    lds = sub.add_parser(
+        "lds",
+        help="the digits LDS benchmark: LDS of each method with bootstrap CIs",
+        description="Train the digits diffusion model and one model per random half of the "
+        "training set (cached, resumable), measure every validation and generated sample's "
+        "loss under each with common random numbers, and report each method's linear "
+        "datamodeling score with a 95%% bootstrap CI (lambda chosen on a held-out half of "
+        "the test samples). Prints a table, writes lds.json and lds.png. quick: a smoke run "
+        "of a few minutes (its figures are noise); full: the README's benchmark.",
+    )
+    lds.add_argument("--methods", default="das,dtrak,trak,kfac,tracin,retrac",
+                     help="comma-separated methods of das, dtrak, trak, kfac, tracin, retrac "
+                     "(default all)")
+    lds.add_argument("--size", default="quick", choices=("quick", "full"),
+                     help="benchmark size (default quick)")
+    lds.add_argument("--out", default="lds-results",
+                     help="directory for lds.json and lds.png (default lds-results)")
+    lds.add_argument("--cache-dir", default=None,
+                     help="where trained models are cached (default $FASTATTR_CACHE or "
+                     "~/.cache/fastattr); an interrupted run resumes from it")
+    lds.add_argument("--workers", type=int, default=1,
+                     help="retraining worker processes (default 1)")
+    lds.add_argument("--threads", type=int, default=0,
+                     help="torch CPU threads (default: torch's choice)")
+    lds.add_argument("--no-progress", action="store_true", help="no progress bars")
+    lds.set_defaults(func=_cmd_lds)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run the microbenchmarks of benchmarks/",
+        description="Run the repository's microbenchmark scripts (benchmarks/bench_*.py) one "
+        "after another; each prints its table (timings and ratios against the reference "
+        "implementations). The scripts are not installed with the package: run from a "
+        "checkout or pass --benchmarks-dir.",
+    )
+    bench.add_argument("names", nargs="*", metavar="NAME",
+                       help=f"benchmarks to run, of {', '.join(BENCHMARKS)} (default all)")
+    bench.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
+    bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    bench.add_argument("--out", default=None, help="directory for each benchmark's JSON")
+    bench.add_argument("--benchmarks-dir", default=None,
+                       help="the benchmarks/ directory (default: found next to the package "
+                       "or in the working directory, or $FASTATTR_BENCHMARKS)")
+    bench.set_defaults(func=_cmd_bench)
 
     backends = sub.add_parser("backends", help="list compute backends and why each is (not) available")
     backends.set_defaults(func=_cmd_backends)

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["LDSSize", "SIZES", "METHODS", "run_lds", "format_table", "write_chart"]
+__all__ = ["LDSSize", "SIZES", "METHODS", "GroundTruth", "ground_truth", "run_lds",
+           "format_table", "write_chart", "save_results"]
 
 METHODS = ("das", "dtrak", "trak", "kfac", "tracin", "retrac")
 
@@ -136,6 +137,94 @@ def _evaluate(name, method, test, masks, F, size: LDSSize):
             "lam": sel.lam}
 
 
+@dataclasses.dataclass
+class GroundTruth:
+    """What every attributor is judged against (``ground_truth``): the full ``model`` and its
+    TracIn ``checkpoints``, the ``train`` batch ``(images, ids)``, the ``test_sets`` ("val",
+    "gen") as ``(images, ids)``, the subset ``masks [M, n_train]``, the measurements ``F``
+    (split -> ``[M, n_test]``, seed-averaged losses), the ``device``, the ``timings`` and
+    the size ``cfg``.
+
+    Example::
+
+        gt = ground_truth("quick")
+        lds(my_scores(gt.model, gt.train, gt.test_sets["val"]), gt.masks, gt.F["val"])
+    """
+
+    cfg: LDSSize
+    model: torch.nn.Module
+    checkpoints: object
+    train: tuple
+    test_sets: dict
+    masks: torch.Tensor
+    F: dict
+    device: str
+    timings: dict
+
+
+def _size(size) -> LDSSize:
+    cfg = SIZES[size] if isinstance(size, str) and size in SIZES else size
+    if not isinstance(cfg, LDSSize):
+        raise ValueError(f"size must be one of {tuple(SIZES)} or an LDSSize, got {size!r}")
+    return cfg
+
+
+def ground_truth(size="quick", cache_dir=None, workers: int = 1, progress: bool = True,
+                 log=print) -> GroundTruth:
+    """Train (or load from the cache) the full model and every subset model of ``size`` and
+    measure the test sets under each: the LDS ground truth shared by fastattr's methods
+    (``run_lds``) and the reference libraries (``benchmarks/bench_lds_peers.py``).
+
+    Example::
+
+        gt = ground_truth("quick", cache_dir="cache")
+        gt.F["val"].shape        # [num_subsets, n_val]
+    """
+    from .data import digits
+    from .diffusion import DiffusionTask
+    from .lds import Retrainer, measure
+    from .models import digits_unet
+    from .train import RECIPES, Recipe, train_digits, default_cache_dir
+
+    cfg = _size(size)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    timings = {}
+    clock = time.perf_counter()
+
+    train_fn = functools.partial(_train_fn, steps=cfg.steps, batch_size=cfg.batch_size)
+    recipe = {"steps": cfg.steps, "batch_size": cfg.batch_size, "data": "sklearn-digits"}
+    retrainer = Retrainer(train_fn, root / "lds" / f"digits-{cfg.n_train}-{cfg.steps}",
+                          cfg.n_train, cfg.num_subsets, cfg.seeds, make_model=digits_unet,
+                          config=recipe, workers=workers, device=device, progress=progress)
+    full_recipe = Recipe(**{**dataclasses.asdict(RECIPES["quick"]), "steps": cfg.steps,
+                            "batch_size": cfg.batch_size,
+                            "warmup": min(50, max(1, cfg.steps // 10))})
+    model, ckpts = train_digits(range(cfg.n_train), seed=0, size=full_recipe, device=device,
+                                progress=progress, checkpoints=cfg.checkpoints,
+                                cache_dir=root)
+    timings["full model"] = time.perf_counter() - clock
+    name = size if isinstance(size, str) else "custom"
+    log(f"digits LDS ({name}): {cfg.n_train} training images, {cfg.num_subsets} subsets x "
+        f"{cfg.seeds} seed(s), {cfg.steps} steps each")
+
+    clock = time.perf_counter()
+    retrainer.run()
+    timings["retraining"] = time.perf_counter() - clock
+
+    train = digits("train").subset(range(cfg.n_train)).batch()
+    val = digits("test").subset(range(cfg.n_val)).batch()
+    gen = DiffusionTask(model).sample(cfg.n_gen, num_steps=cfg.sample_steps, seed=0)
+    test_sets = {"val": val, "gen": (gen.images.clamp(-1, 1), gen.ids)}
+
+    clock = time.perf_counter()
+    eval_task = DiffusionTask(model, samples_per_example=cfg.eval_K, timesteps="uniform")
+    F = {split: measure(retrainer, data, eval_task, eval_seeds=list(cfg.eval_seeds),
+                        progress=progress) for split, data in test_sets.items()}
+    timings["measurement"] = time.perf_counter() - clock
+    return GroundTruth(cfg, model, ckpts, train, test_sets, retrainer.masks, F, device, timings)
+
+
 def run_lds(methods=METHODS, size="quick", cache_dir=None, workers: int = 1,
             progress: bool = True, log=print) -> dict:
     """Run the digits LDS benchmark for ``methods`` (names of ``METHODS``) at ``size``
@@ -148,65 +237,23 @@ def run_lds(methods=METHODS, size="quick", cache_dir=None, workers: int = 1,
         results = run_lds(["dtrak", "trak"], size="quick")
         print(format_table(results))
     """
-    from .data import digits
     from .diffusion import DiffusionTask
-    from .lds import Retrainer, measure
-    from .models import digits_unet
-    from .train import default_cache_dir
 
-    cfg = SIZES[size] if isinstance(size, str) and size in SIZES else size
-    if not isinstance(cfg, LDSSize):
-        raise ValueError(f"size must be one of {tuple(SIZES)} or an LDSSize, got {size!r}")
+    cfg = _size(size)
     methods = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods)]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods must be names from {METHODS}, got {unknown or methods}")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    timings = {}
-    clock = time.perf_counter()
-
-    train_fn = functools.partial(_train_fn, steps=cfg.steps, batch_size=cfg.batch_size)
-    recipe = {"steps": cfg.steps, "batch_size": cfg.batch_size, "data": "sklearn-digits"}
-    retrainer = Retrainer(train_fn, root / "lds" / f"digits-{cfg.n_train}-{cfg.steps}",
-                          cfg.n_train, cfg.num_subsets, cfg.seeds, make_model=digits_unet,
-                          config=recipe, workers=workers, device=device, progress=progress)
-    from .train import RECIPES, Recipe, train_digits
-
-    full_recipe = Recipe(**{**dataclasses.asdict(RECIPES["quick"]), "steps": cfg.steps,
-                            "batch_size": cfg.batch_size,
-                            "warmup": min(50, max(1, cfg.steps // 10))})
-    model, ckpts = train_digits(range(cfg.n_train), seed=0, size=full_recipe, device=device,
-                                progress=progress, checkpoints=cfg.checkpoints,
-                                cache_dir=root)
-    timings["full model"] = time.perf_counter() - clock
-    log(f"digits LDS ({size if isinstance(size, str) else 'custom'}): {cfg.n_train} training "
-        f"images, {cfg.num_subsets} subsets x {cfg.seeds} seed(s), {cfg.steps} steps each")
-
-    clock = time.perf_counter()
-    retrainer.run()
-    timings["retraining"] = time.perf_counter() - clock
-
-    train = digits("train").subset(range(cfg.n_train)).batch()
-    val = digits("test").subset(range(cfg.n_val)).batch()
-    task = DiffusionTask(model, samples_per_example=cfg.K, timesteps="uniform")
-    gen = task.sample(cfg.n_gen, num_steps=cfg.sample_steps, seed=0)
-    test_sets = {"val": val, "gen": (gen.images, gen.ids)}
-
-    clock = time.perf_counter()
-    eval_task = DiffusionTask(model, samples_per_example=cfg.eval_K, timesteps="uniform")
-    F = {name: measure(retrainer, data, eval_task, eval_seeds=list(cfg.eval_seeds),
-                       progress=progress) for name, data in test_sets.items()}
-    timings["measurement"] = time.perf_counter() - clock
-
-    results = {"size": dataclasses.asdict(cfg), "device": device, "methods": {},
-               "timings": timings, "torch": torch.__version__}
-    masks = retrainer.masks
+    gt = ground_truth(cfg if not isinstance(size, str) else size, cache_dir, workers,
+                      progress, log)
+    task = DiffusionTask(gt.model, samples_per_example=cfg.K, timesteps="uniform")
+    results = {"size": dataclasses.asdict(cfg), "device": gt.device, "methods": {},
+               "timings": gt.timings, "torch": torch.__version__}
     for name in methods:
         clock = time.perf_counter()
-        method = _method(name, task, cfg, ckpts, progress).fit(train)
-        entry = {s: _evaluate(name, method, data, masks, F[s], cfg)
-                 for s, data in test_sets.items()}
+        method = _method(name, task, cfg, gt.checkpoints, progress).fit(gt.train)
+        entry = {s: _evaluate(name, method, data, gt.masks, gt.F[s], cfg)
+                 for s, data in gt.test_sets.items()}
         entry["seconds"] = time.perf_counter() - clock
         results["methods"][name] = entry
         log(f"  {name}: val LDS {_fmt(entry['val']['heldout'])}, gen LDS "

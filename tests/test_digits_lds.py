@@ -4,6 +4,7 @@ writes its table, JSON and chart, and a re-run reuses every trained model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,36 @@ def test_bad_arguments(tmp_path):
         run_lds(["dtrak", "lissa"], size=TINY, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="size must be one of"):
         run_lds(["dtrak"], size="huge", cache_dir=tmp_path)
+
+
+def test_command_line_lds_and_bench(tmp_path, monkeypatch, capsys):
+    from fastattr.cli import main
+
+    for command in ("lds", "bench"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+    assert "--benchmarks-dir" in capsys.readouterr().out
+    # `fastattr lds --size quick` at the tiny size: table printed, JSON and chart written
+    monkeypatch.setitem(digits_lds.SIZES, "quick", TINY)
+    out = tmp_path / "results"
+    assert main(["lds", "--methods", "dtrak", "--size", "quick", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "LDS val" in printed and "dtrak" in printed
+    saved = json.loads((out / "lds.json").read_text())
+    assert list(saved["methods"]) == ["dtrak"] and saved["size"]["n_train"] == 12
+    assert (out / "lds.png").stat().st_size > 0
+
+    assert main(["bench", "--list"]) == 0
+    assert "factor_ops" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        main(["bench", "nope"])
+    with pytest.raises(SystemExit, match="holds no benchmark scripts"):
+        main(["bench", "factor_ops", "--benchmarks-dir", str(tmp_path)])
+    # a real (quick) run of one script, found next to the package or in the checkout
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(["bench", "factor_ops", "--quick", "--out", str(tmp_path / "bench")]) == 0
+    rows = json.loads((tmp_path / "bench" / "factor_ops.json").read_text())["rows"]
+    assert {r["op"] for r in rows} == {"covariance", "ekfac_lambda"}
+    assert all(r["ours_s"] > 0 and r["torch_s"] > 0 for r in rows)
