@@ -54,26 +54,47 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_lds(args) -> int:
-    """Run the digits LDS benchmark, print the table, write JSON and the chart."""
+    """Run the digits LDS benchmark (and the ablation), print tables, write JSON and the
+    chart."""
     import torch
 
-    from fastattr.digits_lds import format_table, run_lds, save_results, write_chart
+    from fastattr.digits_lds import (format_ablation, format_table, ground_truth,
+                                     run_ablation, run_lds, save_results, write_chart)
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    ablation_Ks = _int_list(args.ablation_K, "--ablation-K") if args.ablation_K else []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = run_lds(args.methods, size=args.size, cache_dir=args.cache_dir,
-                      workers=args.workers, progress=not args.no_progress, log=print)
+    gt = ground_truth(args.size, args.cache_dir, args.workers, not args.no_progress, print)
+    results = run_lds(args.methods, size=args.size, progress=not args.no_progress, log=print,
+                      gt=gt)
+    if ablation_Ks:
+        results["ablation"] = run_ablation(args.ablation_outputs, ablation_Ks, size=args.size,
+                                           progress=not args.no_progress, log=print, gt=gt)
     results["wall_seconds"] = time.perf_counter() - start
     print()
     print(format_table(results))
+    if ablation_Ks:
+        print("\nD-TRAK output-function ablation (val LDS %, held-out λ):")
+        print(format_ablation(results["ablation"]))
     save_results(results, out / "lds.json")
     write_chart(results, out / "lds.png")
     print(f"\nwrote {out / 'lds.json'} and {out / 'lds.png'} "
           f"({results['wall_seconds'] / 60:.1f} min)")
     return 0
+
+
+def _int_list(text: str, name: str) -> list:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise SystemExit(f"fastattr: {name} expects comma-separated positive integers, "
+                         f"got {text!r}")
+    return values
 
 
 # the microbenchmarks `fastattr bench` runs, in order: script stem -> what it measures
@@ -144,6 +165,13 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _add_run_options(parser) -> None:
+    """Options every long-running command shares."""
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastattr",
@@ -183,9 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train on and attribute to the first N training images only "
                       "(smoke runs; default all 1500)")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    demo.add_argument("--threads", type=int, default=0,
-                      help="torch CPU threads (default: torch's choice)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_options(demo)
     demo.set_defaults(func=_cmd_demo)
 
     lds = sub.add_parser(
@@ -210,9 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "~/.cache/fastattr); an interrupted run resumes from it")
     lds.add_argument("--workers", type=int, default=1,
                      help="retraining worker processes (default 1)")
-    lds.add_argument("--threads", type=int, default=0,
-                     help="torch CPU threads (default: torch's choice)")
-    lds.add_argument("--no-progress", action="store_true", help="no progress bars")
+    lds.add_argument("--ablation-K", default=None, metavar="K1,K2",
+                     help="also run D-TRAK's output-function ablation (val set) at these "
+                     "timestep counts, e.g. 10,100")
+    lds.add_argument("--ablation-outputs", default="loss,square,mean,l1,l2,linf,elbo",
+                     help="output functions of the ablation (default all seven)")
+    _add_run_options(lds)
     lds.set_defaults(func=_cmd_lds)
 
     bench = sub.add_parser(

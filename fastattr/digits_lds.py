@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["LDSSize", "SIZES", "METHODS", "GroundTruth", "ground_truth", "run_lds",
-           "format_table", "write_chart", "save_results"]
+           "format_table", "write_chart", "save_results", "ABLATION_OUTPUTS", "run_ablation",
+           "format_ablation"]
 
 METHODS = ("das", "dtrak", "trak", "kfac", "tracin", "retrac")
 
@@ -77,9 +78,12 @@ class LDSSize:
 SIZES = {
     "quick": LDSSize(n_train=128, steps=120, batch_size=64, num_subsets=6, seeds=1, n_val=16,
                      n_gen=8, K=2, k=256, eval_K=10, eval_seeds=(0,), checkpoints=2),
-    "full": LDSSize(n_train=1500, steps=1000, batch_size=128, num_subsets=48, seeds=1,
-                    n_val=96, n_gen=32, K=10, k=2048, eval_K=50, eval_seeds=(0, 1),
-                    checkpoints=4),
+    # 500 training images keep each sample's effect on a subset model large next to the
+    # seed noise, and 300 steps (77 epochs of a 250-image subset) fit it; 100 subsets bring
+    # D-TRAK's bootstrap CI under +-3 points in about 40 minutes of retraining on 2 cores
+    # (2 workers of 1 thread)
+    "full": LDSSize(n_train=500, steps=300, batch_size=64, num_subsets=100, seeds=1, n_val=96,
+                    n_gen=32, K=10, k=2048, eval_K=50, eval_seeds=(0, 1), checkpoints=4),
 }
 
 
@@ -96,7 +100,7 @@ def _train_fn(indices, seed, device="cpu", *, steps, batch_size):
 def _method(name: str, task, size: LDSSize, ckpts, progress: bool):
     from .methods import DAS, DTRAK, TRAK, KFACInfluence, ReTrac, TracIn
 
-    common = dict(progress=progress)
+    common = dict(progress=progress, batch_size=64)
     if name == "das":
         return DAS(task, k=size.k, **common)
     if name == "dtrak":
@@ -226,11 +230,12 @@ def ground_truth(size="quick", cache_dir=None, workers: int = 1, progress: bool 
 
 
 def run_lds(methods=METHODS, size="quick", cache_dir=None, workers: int = 1,
-            progress: bool = True, log=print) -> dict:
+            progress: bool = True, log=print, gt=None) -> dict:
     """Run the digits LDS benchmark for ``methods`` (names of ``METHODS``) at ``size``
     ("quick", "full" or an ``LDSSize``); models and retraining runs are cached under
     ``cache_dir`` (default ``fastattr.train.default_cache_dir()``), so a re-run (or an
-    interrupted one) reuses them. Returns a JSON-ready dict (``format_table`` prints it).
+    interrupted one) reuses them. ``gt`` reuses a ``ground_truth`` already built. Returns a
+    JSON-ready dict (``format_table`` prints it).
 
     Example::
 
@@ -244,8 +249,8 @@ def run_lds(methods=METHODS, size="quick", cache_dir=None, workers: int = 1,
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods must be names from {METHODS}, got {unknown or methods}")
-    gt = ground_truth(cfg if not isinstance(size, str) else size, cache_dir, workers,
-                      progress, log)
+    if gt is None:
+        gt = ground_truth(size, cache_dir, workers, progress, log)
     task = DiffusionTask(gt.model, samples_per_example=cfg.K, timesteps="uniform")
     results = {"size": dataclasses.asdict(cfg), "device": gt.device, "methods": {},
                "timings": gt.timings, "torch": torch.__version__}
@@ -259,6 +264,79 @@ def run_lds(methods=METHODS, size="quick", cache_dir=None, workers: int = 1,
         log(f"  {name}: val LDS {_fmt(entry['val']['heldout'])}, gen LDS "
             f"{_fmt(entry['gen']['heldout'])} ({entry['seconds']:.1f} s)")
     return results
+
+
+ABLATION_OUTPUTS = ("loss", "square", "mean", "l1", "l2", "linf", "elbo")
+
+# D-TRAK (Zheng et al., ICLR 2024) Table 1, CIFAR-2 val LDS (%) at K = 10 / 100 / 1000
+# timesteps, k = 4096 (shared/METHODS.md): printed beside ours for comparison
+PUBLISHED_CIFAR2 = {"loss": (10.7, 19.5, 22.4), "elbo": (8.5, 9.1, 13.2),
+                    "square": (24.8, 30.8, 32.4), "mean": (24.9, 29.2, 30.4),
+                    "l1": (23.4, 30.4, 32.3), "l2": (24.7, 30.9, 32.4),
+                    "linf": (5.2, 11.5, 22.3)}
+
+
+def run_ablation(outputs=ABLATION_OUTPUTS, Ks=(10, 100), size="quick", cache_dir=None,
+                 workers: int = 1, progress: bool = True, log=print, gt=None) -> dict:
+    """D-TRAK's output-function ablation on the digits benchmark: the validation-set LDS of
+    TRAK features of each output function (``ABLATION_OUTPUTS``; same f on both sides) at
+    each number of timesteps ``Ks``, λ chosen on the held-out half as in ``run_lds``.
+    ``gt`` reuses a ``ground_truth`` already built. Returns a JSON-ready dict
+    (``format_ablation`` prints it).
+
+    Example::
+
+        print(format_ablation(run_ablation(["square", "loss"], Ks=(10,), size="quick")))
+    """
+    from .diffusion import OUTPUTS, DiffusionTask
+    from .methods import DTRAK
+
+    cfg = _size(size)
+    outputs = [o.strip() for o in (outputs.split(",") if isinstance(outputs, str) else outputs)]
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown or not outputs:
+        raise ValueError(f"outputs must be names from {OUTPUTS}, "
+                         f"got {unknown or outputs}")
+    Ks = [int(K) for K in Ks]
+    if not Ks or min(Ks) < 1:
+        raise ValueError(f"Ks must be positive timestep counts, got {Ks}")
+    if gt is None:
+        gt = ground_truth(size, cache_dir, workers, progress, log)
+    rows = []
+    for K in Ks:
+        task = DiffusionTask(gt.model, samples_per_example=K, timesteps="uniform")
+        for output in outputs:
+            clock = time.perf_counter()
+            method = DTRAK(task, k=cfg.k, output=output, progress=progress,
+                           batch_size=64).fit(gt.train)
+            val = _evaluate("dtrak", method, gt.test_sets["val"], gt.masks, gt.F["val"], cfg)
+            seconds = time.perf_counter() - clock
+            rows.append({"output": output, "K": K, "val": val, "seconds": seconds})
+            log(f"  D-TRAK f={output} K={K}: val LDS {_fmt(val['heldout'])} ({seconds:.1f} s)")
+    return {"size": dataclasses.asdict(cfg), "rows": rows, "published_cifar2": PUBLISHED_CIFAR2}
+
+
+def format_ablation(results: dict) -> str:
+    """The ablation as a text table: output function x K (val LDS %, CI, held-out λ) beside
+    the D-TRAK paper's CIFAR-2 figures at the same K.
+
+    Example::
+
+        print(format_ablation(run_ablation(size="quick")))
+    """
+    Ks = sorted({r["K"] for r in results["rows"]})
+    outputs = list(dict.fromkeys(r["output"] for r in results["rows"]))
+    cell = {(r["output"], r["K"]): r for r in results["rows"]}
+    published = {10: 0, 100: 1, 1000: 2}
+    header = ["f"] + [f"K={K}" for K in Ks] + [f"CIFAR-2 paper K={K}" for K in Ks
+                                               if K in published]
+    rows = [header]
+    for o in outputs:
+        row = [o] + [_fmt(cell[o, K]["val"]["heldout"]) if (o, K) in cell else "-" for K in Ks]
+        paper = results.get("published_cifar2", {}).get(o)
+        row += [f"{paper[published[K]]:.1f}" if paper else "-" for K in Ks if K in published]
+        rows.append(row)
+    return _table(rows)
 
 
 def _fmt(res: dict) -> str:
@@ -284,6 +362,11 @@ def format_table(results: dict) -> str:
         tuned = e["val"]["tuned_on_eval"]
         rows.append((name, _fmt(e["val"]["heldout"]), _fmt(e["gen"]["heldout"]),
                      _fmt(tuned) if tuned else "-", f"{e['seconds']:.1f}"))
+    return _table(rows)
+
+
+def _table(rows) -> str:
+    """Rows of strings (the first the header) as aligned text columns."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -55,6 +55,10 @@ def test_bad_arguments(tmp_path):
         run_lds(["dtrak", "lissa"], size=TINY, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="size must be one of"):
         run_lds(["dtrak"], size="huge", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="outputs must be names from"):
+        digits_lds.run_ablation(["square", "cube"], Ks=(10,), size=TINY, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="Ks must be positive"):
+        digits_lds.run_ablation(["square"], Ks=(0,), size=TINY, cache_dir=tmp_path)
 
 
 def test_command_line_lds_and_bench(tmp_path, monkeypatch, capsys):
@@ -69,11 +73,19 @@ def test_command_line_lds_and_bench(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(digits_lds.SIZES, "quick", TINY)
     out = tmp_path / "results"
     assert main(["lds", "--methods", "dtrak", "--size", "quick", "--out", str(out),
-                 "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+                 "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+                 "--ablation-K", "1,10", "--ablation-outputs", "square,loss"]) == 0
     printed = capsys.readouterr().out
-    assert "LDS val" in printed and "dtrak" in printed
+    assert "LDS val" in printed and "dtrak" in printed and "CIFAR-2 paper" in printed
     saved = json.loads((out / "lds.json").read_text())
     assert list(saved["methods"]) == ["dtrak"] and saved["size"]["n_train"] == 12
+    cells = {(r["output"], r["K"]) for r in saved["ablation"]["rows"]}
+    assert cells == {("square", 1), ("square", 10), ("loss", 1), ("loss", 10)}
+    # the ablation's D-TRAK f=square at K=1 is the benchmark's dtrak (TINY has K=1)
+    square1 = next(r for r in saved["ablation"]["rows"] if r["output"] == "square" and r["K"] == 1)
+    assert square1["val"] == saved["methods"]["dtrak"]["val"]
+    with pytest.raises(SystemExit, match="--ablation-K expects"):
+        main(["lds", "--ablation-K", "10,x"])
     assert (out / "lds.png").stat().st_size > 0
 
     assert main(["bench", "--list"]) == 0
