@@ -532,6 +532,18 @@ def main(argv=None) -> int:
                progress=args.progress, fastattr_trak_base=None)
     rows, ours = [], {}
 
+    def save(done: bool = False) -> None:
+        """The JSON so far, rewritten (atomically) after every row: an interrupted run keeps
+        the rows it finished."""
+        if args.json:
+            write_json_atomic(args.json, {
+                "benchmark": "lds_peers", "size_name": size_name,
+                "size": dataclasses.asdict(cfg), "device": gt.device,
+                "machine": machine_info(), "config": vars(args),
+                "ground_truth_timings": gt.timings, "rows": rows, "complete": done,
+                "versions": {d: _version(d) for d in ("traker", "kronfluence", "dattri")},
+                "wall_s": time.perf_counter() - start})
+
     def evaluate(run: PeerRun) -> dict:
         return {s: lds_entry(run.scores[s], run.lams, gt.masks, gt.F[s]) for s in SPLITS}
 
@@ -551,6 +563,7 @@ def main(argv=None) -> int:
                          "ok", lds=ours[name][1], seconds=run.seconds, ratio=1.0,
                          lams=run.lams, lam_protocol=run.lam_protocol))
         print(f"  fastattr {name}: {run.seconds:.2f} s", flush=True)
+        save()
 
     for peer in peers:
         dist, what, matched, runner = PEERS[peer]
@@ -577,6 +590,7 @@ def main(argv=None) -> int:
                          agreement=None if ref is None else agreement(run, ref[0], ref[1]),
                          lams=run.lams, lam_protocol=run.lam_protocol, **run.extra))
         print(f"  {peer}: {run.seconds:.2f} s", flush=True)
+        save()
 
     import shutil
 
@@ -584,13 +598,7 @@ def main(argv=None) -> int:
     print(f"digits LDS ({size_name}): peers vs fastattr on the same models and ground truth; "
           "agreement = mean per-test Spearman with fastattr's scores (val / gen)")
     print(format_table(rows))
-    if args.json:
-        write_json_atomic(args.json, {
-            "benchmark": "lds_peers", "size_name": size_name, "size": dataclasses.asdict(cfg),
-            "device": gt.device, "machine": machine_info(), "config": vars(args),
-            "ground_truth_timings": gt.timings, "rows": rows,
-            "versions": {d: _version(d) for d in ("traker", "kronfluence", "dattri")},
-            "wall_s": time.perf_counter() - start})
+    save(done=True)
     return 0 if all(r["status"] == "ok" for r in rows if r["library"] == "fastattr") else 1
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -173,6 +174,22 @@ def _size(size) -> LDSSize:
     return cfg
 
 
+def _measure_key(cfg: LDSSize, test_sets: dict, retrainer, device: str) -> str:
+    """What the measurements depend on: the test images and ids, the (t, ε) draws, the
+    subset models (masks, seeds) and the device; fastattr's version for safety."""
+    from . import __version__
+
+    h = hashlib.sha256()
+    for split, (images, ids) in sorted(test_sets.items()):
+        h.update(split.encode())
+        h.update(images.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(torch.as_tensor(ids).cpu().numpy().tobytes())
+    h.update(retrainer.masks.cpu().numpy().tobytes())
+    h.update(json.dumps([cfg.eval_K, list(cfg.eval_seeds), cfg.seeds, cfg.steps,
+                         cfg.batch_size, device, __version__]).encode())
+    return h.hexdigest()[:16]
+
+
 def ground_truth(size="quick", cache_dir=None, workers: int = 1, progress: bool = True,
                  log=print) -> GroundTruth:
     """Train (or load from the cache) the full model and every subset model of ``size`` and
@@ -198,7 +215,8 @@ def ground_truth(size="quick", cache_dir=None, workers: int = 1, progress: bool 
 
     train_fn = functools.partial(_train_fn, steps=cfg.steps, batch_size=cfg.batch_size)
     recipe = {"steps": cfg.steps, "batch_size": cfg.batch_size, "data": "sklearn-digits"}
-    retrainer = Retrainer(train_fn, root / "lds" / f"digits-{cfg.n_train}-{cfg.steps}",
+    retrainer_dir = root / "lds" / f"digits-{cfg.n_train}-{cfg.steps}"
+    retrainer = Retrainer(train_fn, retrainer_dir,
                           cfg.n_train, cfg.num_subsets, cfg.seeds, make_model=digits_unet,
                           config=recipe, workers=workers, device=device, progress=progress)
     full_recipe = Recipe(**{**dataclasses.asdict(RECIPES["quick"]), "steps": cfg.steps,
@@ -222,9 +240,18 @@ def ground_truth(size="quick", cache_dir=None, workers: int = 1, progress: bool 
     test_sets = {"val": val, "gen": (gen.images.clamp(-1, 1), gen.ids)}
 
     clock = time.perf_counter()
-    eval_task = DiffusionTask(model, samples_per_example=cfg.eval_K, timesteps="uniform")
-    F = {split: measure(retrainer, data, eval_task, eval_seeds=list(cfg.eval_seeds),
-                        progress=progress) for split, data in test_sets.items()}
+    # the measurements are cached beside the subset models: a re-run (other methods, the
+    # ablation, the peers benchmark) reads them instead of re-evaluating every model
+    cached = retrainer_dir / f"measure-{_measure_key(cfg, test_sets, retrainer, device)}.pt"
+    if cached.exists():
+        F = torch.load(cached, map_location="cpu", weights_only=True)
+    else:
+        eval_task = DiffusionTask(model, samples_per_example=cfg.eval_K, timesteps="uniform")
+        F = {split: measure(retrainer, data, eval_task, eval_seeds=list(cfg.eval_seeds),
+                            progress=progress) for split, data in test_sets.items()}
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        torch.save(F, tmp)
+        os.replace(tmp, cached)
     timings["measurement"] = time.perf_counter() - clock
     return GroundTruth(cfg, model, ckpts, train, test_sets, retrainer.masks, F, device, timings)
 
@@ -405,7 +432,8 @@ def write_chart(results: dict, path) -> None:
                 xc = xa + bar // 2
                 d.line([(xc, y(r["ci_low"])), (xc, y(r["ci_high"]))], fill="black")
         d.text((x0, H - pad + 6), name, fill="black")
-    d.text((pad, 8), "LDS (held-out λ): blue = validation, orange = generated", fill="black")
+    d.text((pad, 8), "LDS (lambda chosen on held-out half): blue = validation, "
+           "orange = generated; whiskers: 95% bootstrap CI", fill="black")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     img.save(tmp, format="PNG")

@@ -44,6 +44,7 @@ def test_tiny_run_writes_every_peer_row(cache_dir, tmp_path):
     data = json.loads(out.read_text())
     assert sorted(p.name for p in out.parent.iterdir()) == ["peers.json"]  # atomic: no temp
     assert data["benchmark"] == "lds_peers" and data["size"]["n_train"] == 12
+    assert data["complete"] is True  # rewritten after every row, marked complete at the end
     assert data["machine"]["torch"] and data["versions"]["kronfluence"]
     rows = {r["method"].split(":")[0]: r for r in data["rows"]}
     assert set(rows) == set(PEERS) | {"dtrak", "kfac", "tracin", "trak"}

@@ -42,12 +42,21 @@ def test_tiny_benchmark_end_to_end(tmp_path):
         calls.append(1)
         return original(*args, **kwargs)
 
+    import fastattr.lds
+
+    measured = []
+    real_measure = fastattr.lds.measure
     digits_lds._train_fn = counting
+    fastattr.lds.measure = lambda *a, **kw: measured.append(1) or real_measure(*a, **kw)
     try:
-        run_lds(["dtrak"], size=TINY, cache_dir=tmp_path, progress=False, log=lambda *a: None)
+        again = run_lds(["dtrak"], size=TINY, cache_dir=tmp_path, progress=False,
+                        log=lambda *a: None)
     finally:
         digits_lds._train_fn = original
-    assert calls == []
+        fastattr.lds.measure = real_measure
+    assert calls == [] and measured == []  # models and measurements both from the cache
+    assert again["methods"]["dtrak"] == {**results["methods"]["dtrak"],
+                                         "seconds": again["methods"]["dtrak"]["seconds"]}
 
 
 def test_bad_arguments(tmp_path):
