@@ -71,7 +71,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import importlib.metadata
 import logging
 import math
 import os
@@ -89,11 +88,13 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_common import machine_info, write_json_atomic  # noqa: E402
+from bench_common import _version, machine_info, write_json_atomic  # noqa: E402
 
 from fastattr.diffusion import DiffusionTask, _noised, output_values  # noqa: E402
-from fastattr.digits_lds import SIZES, LDSSize, _lam_grid, _method, ground_truth  # noqa: E402
-from fastattr.lds import lds, select_lambda, spearman  # noqa: E402
+from fastattr.digits_lds import (  # noqa: E402
+    SIZES, LDSSize, _lam_grid, _method, _table, format_lds, ground_truth,
+    lds_entry as digits_lds_entry, relative_grid)
+from fastattr.lds import spearman  # noqa: E402
 
 # tests/test_digits_lds.py's tiny size, with two-point λ grids (the smoke test's budget)
 TINY = LDSSize(n_train=12, steps=4, batch_size=8, num_subsets=4, seeds=1, n_val=4, n_gen=2,
@@ -162,19 +163,8 @@ def split_test_set(gt, scores: torch.Tensor) -> dict:
     return out
 
 
-def _version(dist: str):
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _n_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _relative_grid(base: float, cfg: LDSSize) -> list:
-    return [base * s for s in cfg.lam_scales]
 
 
 # ------------------------------------------------------------------------------------- traker
@@ -230,7 +220,7 @@ def run_traker(ctx) -> PeerRun:
             traker.featurize(batch=batch, num_samples=batch[0].shape[0])
         # fastattr's λ grid relative to 0.1 × the mean eigenvalue of this ΦᵀΦ (its trace / k)
         X = torch.as_tensor(np.asarray(traker.saver.current_store["grads"]), dtype=torch.float64)
-        lams = _relative_grid(0.1 * float(X.square().sum()) / cfg.k, cfg)
+        lams = relative_grid(0.1 * float(X.square().sum()) / cfg.k, cfg)
         traker.score_computer.lambda_reg = lams[0]
         finalize(traker, projector)
         for split, data in gt.test_sets.items():
@@ -383,7 +373,7 @@ def run_dattri_trak(ctx) -> PeerRun:
         raise RuntimeError("needs fastattr's trak in the same run (its kernel sets the λ grid)")
     # dattri divides the gradients by √p before a JL projection of fastattr's scale: its ΦᵀΦ
     # is fastattr's / p, so is the grid's base
-    lams = _relative_grid(base / _n_params(gt.model), cfg)
+    lams = relative_grid(base / _n_params(gt.model), cfg)
 
     def no_correct_probability(params, data):
         # Q = 1 − p = 1: TRAK for diffusion has no out-to-loss term (fastattr's TRAK neither)
@@ -425,13 +415,11 @@ PEERS = {
 
 def lds_entry(sweep: torch.Tensor, lams, masks, F) -> dict:
     """The LDS of scores ``[L, n_test, n_train]`` as ``fastattr.digits_lds._evaluate`` reports
-    it: held-out λ (and the eval-tuned figure beside) or, without λ, the plain LDS."""
-    if lams is None:
-        return {"heldout": lds(sweep[0], masks, F).as_dict(), "tuned_on_eval": None,
-                "lam": None, "lam_index": None}
-    sel = select_lambda(sweep, lams, masks, F)
-    return {"heldout": sel.heldout.as_dict(), "tuned_on_eval": sel.tuned_on_eval.as_dict(),
-            "lam": sel.lam, "lam_index": lams.index(sel.lam)}
+    it: held-out λ (and the eval-tuned figure beside) or, without λ, the plain LDS; plus the
+    grid position of the chosen λ (for ``agreement``)."""
+    entry = digits_lds_entry(sweep[0] if lams is None else sweep, lams, masks, F)
+    entry["lam_index"] = None if lams is None else lams.index(entry["lam"])
+    return entry
 
 
 def run_fastattr(name: str, ctx) -> PeerRun:
@@ -464,13 +452,7 @@ def agreement(peer: PeerRun, ours: PeerRun, ours_lds: dict) -> dict:
 
 
 def _fmt_lds(entry) -> str:
-    if not entry:
-        return "-"
-    r = entry["heldout"]
-    if r["mean"] is None:
-        return "n/a"
-    ci = "" if r["ci_low"] is None else f" [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
-    return f"{100 * r['mean']:.1f}{ci}"
+    return format_lds(entry["heldout"]) if entry else "-"
 
 
 def format_table(rows: list) -> str:
@@ -488,10 +470,7 @@ def format_table(rows: list) -> str:
                       "1 (reference)" if r["library"] == "fastattr" else f"{r['ratio']:.2f}",
                       "-" if not agree else " / ".join(
                           "n/a" if v is None else f"{v:.2f}" for v in agree.values())))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _table(table)
 
 
 def _row(method, library, version, status, **fields) -> dict:

@@ -173,6 +173,10 @@ def _add_run_options(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # the defaults of `fastattr lds` are the benchmark's own lists (digits_lds imports only
+    # torch, which importing fastattr has already done)
+    from fastattr.digits_lds import ABLATION_OUTPUTS, METHODS as LDS_METHODS
+
     parser = argparse.ArgumentParser(
         prog="fastattr",
         description="Fast training-data attribution for diffusion models.",
@@ -224,9 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the test samples). Prints a table, writes lds.json and lds.png. quick: a smoke run "
         "of a few minutes (its figures are noise); full: the README's benchmark.",
     )
-    lds.add_argument("--methods", default="das,dtrak,trak,kfac,tracin,retrac",
-                     help="comma-separated methods of das, dtrak, trak, kfac, tracin, retrac "
-                     "(default all)")
+    lds.add_argument("--methods", default=",".join(LDS_METHODS),
+                     help=f"comma-separated methods of {', '.join(LDS_METHODS)} (default all)")
     lds.add_argument("--size", default="quick", choices=("quick", "full"),
                      help="benchmark size (default quick)")
     lds.add_argument("--out", default="lds-results",
@@ -239,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     lds.add_argument("--ablation-K", default=None, metavar="K1,K2",
                      help="also run D-TRAK's output-function ablation (val set) at these "
                      "timestep counts, e.g. 10,100")
-    lds.add_argument("--ablation-outputs", default="loss,square,mean,l1,l2,linf,elbo",
+    lds.add_argument("--ablation-outputs", default=",".join(ABLATION_OUTPUTS),
                      help="output functions of the ablation (default all seven)")
     _add_run_options(lds)
     lds.set_defaults(func=_cmd_lds)

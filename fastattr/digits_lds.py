@@ -88,14 +88,21 @@ SIZES = {
 }
 
 
+def _recipe(steps: int, batch_size: int):
+    """The benchmark's training recipe (the full model's and every subset model's): the
+    quick recipe at ``steps`` steps of ``batch_size``, warm-up scaled down for short runs."""
+    from .train import RECIPES, Recipe
+
+    return Recipe(**{**dataclasses.asdict(RECIPES["quick"]), "steps": steps,
+                     "batch_size": batch_size, "warmup": min(50, max(1, steps // 10))})
+
+
 def _train_fn(indices, seed, device="cpu", *, steps, batch_size):
     """A subset model of the benchmark's recipe (module level: picklable for workers)."""
-    from .train import RECIPES, Recipe, train_digits
+    from .train import train_digits
 
-    recipe = Recipe(**{**dataclasses.asdict(RECIPES["quick"]), "steps": steps,
-                       "batch_size": batch_size, "warmup": min(50, max(1, steps // 10))})
-    return train_digits(indices, seed=seed, size=recipe, device=device, progress=False,
-                        use_cache=False)
+    return train_digits(indices, seed=seed, size=_recipe(steps, batch_size), device=device,
+                        progress=False, use_cache=False)
 
 
 def _method(name: str, task, size: LDSSize, ckpts, progress: bool):
@@ -127,17 +134,34 @@ def _lam_grid(name: str, method, size: LDSSize):
         return list(size.kfac_damping)
     else:
         return None
+    return relative_grid(base, size)
+
+
+def relative_grid(base: float, size: LDSSize) -> list:
+    """The λ grid ``base × size.lam_scales`` (``base``: a method's default λ)."""
     return [base * s for s in size.lam_scales]
 
 
 def _evaluate(name, method, test, masks, F, size: LDSSize):
+    lams = _lam_grid(name, method, size)
+    scores = method.score(test) if lams is None else method.sweep_lambda(test, lams)
+    return lds_entry(scores, lams, masks, F)
+
+
+def lds_entry(scores, lams, masks, F) -> dict:
+    """The benchmark's LDS report of ``scores [n_test, n_train]`` (``lams`` None) or of a λ
+    sweep ``[len(lams), n_test, n_train]``: λ chosen on the held-out half, the figure tuned
+    on the evaluation set beside (``fastattr.lds.select_lambda``).
+
+    Example::
+
+        lds_entry(dtrak.sweep_lambda(val, lams), lams, gt.masks, gt.F["val"])["heldout"]
+    """
     from .lds import lds, select_lambda
 
-    lams = _lam_grid(name, method, size)
     if lams is None:
-        res = lds(method.score(test), masks, F)
-        return {"heldout": res.as_dict(), "tuned_on_eval": None, "lam": None}
-    sel = select_lambda(method.sweep_lambda(test, lams), lams, masks, F)
+        return {"heldout": lds(scores, masks, F).as_dict(), "tuned_on_eval": None, "lam": None}
+    sel = select_lambda(scores, lams, masks, F)
     return {"heldout": sel.heldout.as_dict(), "tuned_on_eval": sel.tuned_on_eval.as_dict(),
             "lam": sel.lam}
 
@@ -165,6 +189,15 @@ class GroundTruth:
     F: dict
     device: str
     timings: dict
+
+
+def _names(value, allowed: tuple, what: str) -> list:
+    """A comma-separated string or a list of names, each of ``allowed``."""
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]
+    unknown = [v for v in names if v not in allowed]
+    if unknown or not names:
+        raise ValueError(f"{what} must be names from {allowed}, got {unknown or names}")
+    return names
 
 
 def _size(size) -> LDSSize:
@@ -203,9 +236,9 @@ def ground_truth(size="quick", cache_dir=None, workers: int = 1, progress: bool 
     """
     from .data import digits
     from .diffusion import DiffusionTask
-    from .lds import Retrainer, measure
+    from .lds import Retrainer, _save_atomic, measure
     from .models import digits_unet
-    from .train import RECIPES, Recipe, train_digits, default_cache_dir
+    from .train import default_cache_dir, train_digits
 
     cfg = _size(size)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -219,10 +252,8 @@ def ground_truth(size="quick", cache_dir=None, workers: int = 1, progress: bool 
     retrainer = Retrainer(train_fn, retrainer_dir,
                           cfg.n_train, cfg.num_subsets, cfg.seeds, make_model=digits_unet,
                           config=recipe, workers=workers, device=device, progress=progress)
-    full_recipe = Recipe(**{**dataclasses.asdict(RECIPES["quick"]), "steps": cfg.steps,
-                            "batch_size": cfg.batch_size,
-                            "warmup": min(50, max(1, cfg.steps // 10))})
-    model, ckpts = train_digits(range(cfg.n_train), seed=0, size=full_recipe, device=device,
+    model, ckpts = train_digits(range(cfg.n_train), seed=0,
+                                size=_recipe(cfg.steps, cfg.batch_size), device=device,
                                 progress=progress, checkpoints=cfg.checkpoints,
                                 cache_dir=root)
     timings["full model"] = time.perf_counter() - clock
@@ -249,9 +280,7 @@ def ground_truth(size="quick", cache_dir=None, workers: int = 1, progress: bool 
         eval_task = DiffusionTask(model, samples_per_example=cfg.eval_K, timesteps="uniform")
         F = {split: measure(retrainer, data, eval_task, eval_seeds=list(cfg.eval_seeds),
                             progress=progress) for split, data in test_sets.items()}
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-        torch.save(F, tmp)
-        os.replace(tmp, cached)
+        _save_atomic(cached, F)
     timings["measurement"] = time.perf_counter() - clock
     return GroundTruth(cfg, model, ckpts, train, test_sets, retrainer.masks, F, device, timings)
 
@@ -261,7 +290,8 @@ def run_lds(methods=METHODS, size="quick", cache_dir=None, workers: int = 1,
     """Run the digits LDS benchmark for ``methods`` (names of ``METHODS``) at ``size``
     ("quick", "full" or an ``LDSSize``); models and retraining runs are cached under
     ``cache_dir`` (default ``fastattr.train.default_cache_dir()``), so a re-run (or an
-    interrupted one) reuses them. ``gt`` reuses a ``ground_truth`` already built. Returns a
+    interrupted one) reuses them. ``gt`` reuses a ``ground_truth`` already built (its size
+    then wins). Returns a
     JSON-ready dict (``format_table`` prints it).
 
     Example::
@@ -271,11 +301,8 @@ def run_lds(methods=METHODS, size="quick", cache_dir=None, workers: int = 1,
     """
     from .diffusion import DiffusionTask
 
-    cfg = _size(size)
-    methods = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods)]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"methods must be names from {METHODS}, got {unknown or methods}")
+    cfg = _size(size) if gt is None else gt.cfg
+    methods = _names(methods, METHODS, "methods")
     if gt is None:
         gt = ground_truth(size, cache_dir, workers, progress, log)
     task = DiffusionTask(gt.model, samples_per_example=cfg.K, timesteps="uniform")
@@ -288,8 +315,8 @@ def run_lds(methods=METHODS, size="quick", cache_dir=None, workers: int = 1,
                  for s, data in gt.test_sets.items()}
         entry["seconds"] = time.perf_counter() - clock
         results["methods"][name] = entry
-        log(f"  {name}: val LDS {_fmt(entry['val']['heldout'])}, gen LDS "
-            f"{_fmt(entry['gen']['heldout'])} ({entry['seconds']:.1f} s)")
+        log(f"  {name}: val LDS {format_lds(entry['val']['heldout'])}, gen LDS "
+            f"{format_lds(entry['gen']['heldout'])} ({entry['seconds']:.1f} s)")
     return results
 
 
@@ -308,8 +335,8 @@ def run_ablation(outputs=ABLATION_OUTPUTS, Ks=(10, 100), size="quick", cache_dir
     """D-TRAK's output-function ablation on the digits benchmark: the validation-set LDS of
     TRAK features of each output function (``ABLATION_OUTPUTS``; same f on both sides) at
     each number of timesteps ``Ks``, λ chosen on the held-out half as in ``run_lds``.
-    ``gt`` reuses a ``ground_truth`` already built. Returns a JSON-ready dict
-    (``format_ablation`` prints it).
+    ``gt`` reuses a ``ground_truth`` already built (its size then wins). Returns a JSON-ready
+    dict (``format_ablation`` prints it).
 
     Example::
 
@@ -318,12 +345,8 @@ def run_ablation(outputs=ABLATION_OUTPUTS, Ks=(10, 100), size="quick", cache_dir
     from .diffusion import OUTPUTS, DiffusionTask
     from .methods import DTRAK
 
-    cfg = _size(size)
-    outputs = [o.strip() for o in (outputs.split(",") if isinstance(outputs, str) else outputs)]
-    unknown = [o for o in outputs if o not in OUTPUTS]
-    if unknown or not outputs:
-        raise ValueError(f"outputs must be names from {OUTPUTS}, "
-                         f"got {unknown or outputs}")
+    cfg = _size(size) if gt is None else gt.cfg
+    outputs = _names(outputs, OUTPUTS, "outputs")
     Ks = [int(K) for K in Ks]
     if not Ks or min(Ks) < 1:
         raise ValueError(f"Ks must be positive timestep counts, got {Ks}")
@@ -339,7 +362,8 @@ def run_ablation(outputs=ABLATION_OUTPUTS, Ks=(10, 100), size="quick", cache_dir
             val = _evaluate("dtrak", method, gt.test_sets["val"], gt.masks, gt.F["val"], cfg)
             seconds = time.perf_counter() - clock
             rows.append({"output": output, "K": K, "val": val, "seconds": seconds})
-            log(f"  D-TRAK f={output} K={K}: val LDS {_fmt(val['heldout'])} ({seconds:.1f} s)")
+            log(f"  D-TRAK f={output} K={K}: val LDS {format_lds(val['heldout'])} "
+                f"({seconds:.1f} s)")
     return {"size": dataclasses.asdict(cfg), "rows": rows, "published_cifar2": PUBLISHED_CIFAR2}
 
 
@@ -359,14 +383,22 @@ def format_ablation(results: dict) -> str:
                                                if K in published]
     rows = [header]
     for o in outputs:
-        row = [o] + [_fmt(cell[o, K]["val"]["heldout"]) if (o, K) in cell else "-" for K in Ks]
+        row = [o] + [format_lds(cell[o, K]["val"]["heldout"]) if (o, K) in cell else "-"
+                     for K in Ks]
         paper = results.get("published_cifar2", {}).get(o)
         row += [f"{paper[published[K]]:.1f}" if paper else "-" for K in Ks if K in published]
         rows.append(row)
     return _table(rows)
 
 
-def _fmt(res: dict) -> str:
+def format_lds(res: dict) -> str:
+    """One LDS report (``LDSResult.as_dict()``) as ``mean [low, high]`` in %, "n/a" when
+    undefined.
+
+    Example::
+
+        format_lds(results["methods"]["dtrak"]["val"]["heldout"])   # '23.5 [20.6, 26.0]'
+    """
     mean, lo, hi = res["mean"], res["ci_low"], res["ci_high"]
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "n/a"
@@ -387,8 +419,8 @@ def format_table(results: dict) -> str:
              "seconds")]
     for name, e in results["methods"].items():
         tuned = e["val"]["tuned_on_eval"]
-        rows.append((name, _fmt(e["val"]["heldout"]), _fmt(e["gen"]["heldout"]),
-                     _fmt(tuned) if tuned else "-", f"{e['seconds']:.1f}"))
+        rows.append((name, format_lds(e["val"]["heldout"]), format_lds(e["gen"]["heldout"]),
+                     format_lds(tuned) if tuned else "-", f"{e['seconds']:.1f}"))
     return _table(rows)
 
 
@@ -434,10 +466,7 @@ def write_chart(results: dict, path) -> None:
         d.text((x0, H - pad + 6), name, fill="black")
     d.text((pad, 8), "LDS (lambda chosen on held-out half): blue = validation, "
            "orange = generated; whiskers: 95% bootstrap CI", fill="black")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    _replace(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def save_results(results: dict, path) -> None:
@@ -447,7 +476,16 @@ def save_results(results: dict, path) -> None:
 
         save_results(results, "lds.json")
     """
+    _replace(path, lambda tmp: tmp.write_text(json.dumps(results, indent=2, default=float)))
+
+
+def _replace(path, write) -> None:
+    """``write(tmp)`` a hidden sibling of ``path``, then rename it into place: readers see the
+    old file or the whole new one, never half of it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=float))
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
