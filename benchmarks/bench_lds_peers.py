@@ -6,6 +6,7 @@ What is compared (peer -> the fastattr method it is set against, run in the same
   traker         trak 0.3.2 ``TRAKer``: D-TRAK (f = ``square``, mean over pixels of ε_θ²) with
                  a ``ModelOutput`` on the diffusion task, trak's own ``BasicProjector``
                  (Rademacher, fp32, same k), out-to-loss term 1 (D-TRAK has no Q)  -> dtrak
+  traker-trak    the same with f = ``loss`` (the training loss, TRAK)              -> trak
   kronfluence    kronfluence 1.0.1 EK-FAC influence: ``Analyzer.fit_all_factors`` (strategy
                  "ekfac", the true-Fisher / GGN-model of the Gaussian output, as fastattr's
                  default ``ggn="model"``) + ``compute_pairwise_scores``, measurement = loss
@@ -180,22 +181,24 @@ def finalize(traker, projector) -> None:
         projector.generate_sketch_matrix(projector.generator_states[0])
 
 
-def run_traker(ctx) -> PeerRun:
-    """trak's TRAKer: D-TRAK on the diffusion task, one model (fastattr's dtrak: one model)."""
+def run_traker(ctx, output: str = "square") -> PeerRun:
+    """trak's TRAKer on the diffusion task, one model: D-TRAK (``output="square"``, against
+    fastattr's dtrak) or TRAK (``output="loss"``, against fastattr's trak)."""
     from trak import TRAKer
     from trak.modelout_functions import AbstractModelOutput
     from trak.projectors import BasicProjector, ProjectionType
 
     task, cfg, gt, dev = ctx["task"], ctx["cfg"], ctx["gt"], ctx["device"]
 
-    class DiffusionSquareOutput(AbstractModelOutput):
-        """D-TRAK's output f = mean ε_θ² averaged over the K draws; no out-to-loss term."""
+    class DiffusionOutput(AbstractModelOutput):
+        """f (square: D-TRAK's mean ε_θ²; loss: the training loss) averaged over the K draws;
+        no out-to-loss term (Q = 1, as fastattr's TRAK and D-TRAK)."""
 
         def __init__(self):
             super().__init__()
 
         def get_output(self, model, weights, buffers, x_t, t, eps):
-            return image_output(task, "square", model, (weights, buffers), x_t, t, eps)
+            return image_output(task, output, model, (weights, buffers), x_t, t, eps)
 
         def get_out_to_loss_grad(self, model, weights, buffers, batch):
             return torch.ones(batch[0].shape[0], 1, device=batch[0].device)
@@ -212,7 +215,7 @@ def run_traker(ctx) -> PeerRun:
     state = model.state_dict()
     with tempfile.TemporaryDirectory(dir=ctx["work_dir"]) as save_dir:
         clock = time.perf_counter()
-        traker = TRAKer(model=model, task=DiffusionSquareOutput(), train_set_size=len(gt.train[1]),
+        traker = TRAKer(model=model, task=DiffusionOutput(), train_set_size=len(gt.train[1]),
                         save_dir=save_dir, device=dev, projector=projector,
                         use_half_precision=False, logging_level=logging.ERROR)
         traker.load_checkpoint(state, model_id=0)
@@ -404,6 +407,8 @@ def run_dattri_trak(ctx) -> PeerRun:
 # (peer, library distribution, what it runs, fastattr method, runner)
 PEERS = {
     "traker": ("traker", "TRAKer D-TRAK (f=square)", "dtrak", run_traker),
+    "traker-trak": ("traker", "TRAKer TRAK (f=loss)", "trak",
+                    lambda ctx: run_traker(ctx, output="loss")),
     "kronfluence": ("kronfluence", "EK-FAC influence", "kfac", run_kronfluence),
     "dattri-tracin": ("dattri", "TracInAttributor", "tracin", run_dattri_tracin),
     "dattri-trak": ("dattri", "TRAKAttributor TRAK (f=loss)", "trak", run_dattri_trak),

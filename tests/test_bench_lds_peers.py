@@ -65,9 +65,11 @@ def test_tiny_run_writes_every_peer_row(cache_dir, tmp_path):
     assert rows["dattri-tracin"]["lams"] is None
 
 
-def test_traker_with_fastattrs_matrix_reproduces_dtrak(cache_dir):
-    """Same projection matrix (fastattr's, through the trak adapter): TRAKer's D-TRAK scores
-    rank the training images as fastattr's dtrak does, for every test sample and λ."""
+@pytest.mark.parametrize("method,output", [("dtrak", "square"), ("trak", "loss")])
+def test_traker_with_fastattrs_matrix_reproduces_ours(cache_dir, method, output):
+    """Same projection matrix (fastattr's, through the trak adapter): TRAKer's D-TRAK and
+    TRAK scores rank the training images as fastattr's dtrak and trak do, for every test
+    sample and λ."""
     pytest.importorskip("trak")
     sys.path.insert(0, BENCH)
     try:
@@ -88,7 +90,7 @@ def test_traker_with_fastattrs_matrix_reproduces_dtrak(cache_dir):
         ctx = dict(task=task, cfg=cfg, gt=gt, device=gt.device, work_dir=str(cache_dir),
                    progress=False, traker_projector=lambda p, k, dev: FastattrProjector(
                        p, k, 0, "rademacher", dev))
-        ours, theirs = bench.run_fastattr("dtrak", ctx), bench.run_traker(ctx)
+        ours, theirs = bench.run_fastattr(method, ctx), bench.run_traker(ctx, output)
     finally:
         torch.set_num_threads(threads)
     for split in ("val", "gen"):
