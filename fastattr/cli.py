@@ -79,6 +79,10 @@ def _cmd_lds(args) -> int:
     if ablation_Ks:
         print("\nD-TRAK output-function ablation (val LDS %, held-out λ):")
         print(format_ablation(results["ablation"]))
+    from fastattr import distributed
+
+    if not distributed.is_main():      # under torch.distributed rank 0 writes the outputs
+        return 0
     save_results(results, out / "lds.json")
     write_chart(results, out / "lds.png")
     print(f"\nwrote {out / 'lds.json'} and {out / 'lds.png'} "
@@ -170,6 +174,11 @@ def _add_run_options(parser) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--distributed", action="store_true",
+                        help="run under torchrun: join the process group of RANK / "
+                        "WORLD_SIZE / MASTER_ADDR / MASTER_PORT (NCCL on GPUs, gloo on CPU) "
+                        "and share the work out by rank; rank 0 prints and writes the outputs "
+                        "(see README, Distributed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,7 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of the ``fastattr`` console script."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if not getattr(args, "distributed", False):
+        return args.func(args)
+    from fastattr import distributed
+
+    try:
+        group = distributed.init_from_env()
+    except distributed.DistributedSetupError as err:
+        raise SystemExit(f"fastattr {args.command}: {err}") from None
+    if group is not None and group.rank != 0:
+        # one report: the other ranks compute and keep quiet (their errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
+    try:
+        return args.func(args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import rng
+from . import distributed, rng
 from .backends import select_backend
 from .capture import CONV2D, LINEAR, Capture, _conv_padding, coverage, select_params
 from .diffusion import Rows
@@ -487,6 +487,12 @@ class _Fitter:
             raise TypeError("Rows.outputs must be a Tensor [N, ...]")
         n = outputs.shape[0]
         if ids is None:
+            if getattr(self, "group", None) is not None and self.ggn == "model":
+                raise ValueError(
+                    "under torch.distributed the loss must return Rows with ids: the GGN's "
+                    "random output vectors are keyed by datum id, and a rank cannot number "
+                    "the data of batches other ranks hold (DiffusionLoss returns them; give "
+                    "regression batches as (x, y, ids))")
             ids = torch.arange(self.num_data, self.num_data + n, device=outputs.device)
         return outputs, targets, torch.as_tensor(ids).to(torch.int64), n
 
@@ -675,6 +681,52 @@ class _Fitter:
             if self.keep_covariances:
                 lay.A, lay.G = A, G
 
+    # ---- torch.distributed: each rank ran its share of the batches
+
+    def reduce(self, keys) -> None:
+        """Sum the running sums ``keys`` of every layer, ``num_data`` and the row counts over
+        the ranks, in float64. A rank that saw no batch has no sums yet: the shapes come
+        from the ranks that have them."""
+        group = self.group
+        shapes = distributed.all_gather(
+            {name: {k: None if getattr(lay, k) is None else list(getattr(lay, k).shape)
+                    for k in keys} for name, lay in self.layers.items()}, group)
+        device = next(self.model.parameters()).device
+        for name, lay in self.layers.items():
+            for k in keys:
+                shape = next((s[name][k] for s in shapes if s[name][k] is not None), None)
+                if shape is None:
+                    continue
+                mine = getattr(lay, k)
+                if mine is None:
+                    mine = torch.zeros(shape, dtype=torch.float64, device=device)
+                setattr(lay, k, distributed.all_reduce(mine, group))
+        counts = distributed.all_reduce(torch.tensor(
+            [self.num_data] + [lay.rows_a for lay in self.layers.values()],
+            dtype=torch.float64), group)
+        self.num_data = int(counts[0])
+        for lay, rows in zip(self.layers.values(), counts[1:].tolist()):
+            lay.rows_a = int(rows)
+
+    def broadcast_bases(self) -> None:
+        """Rank 0's eigendecompositions on every rank: the same bases bit for bit, whatever
+        each rank's LAPACK would have returned."""
+        keys = ("eigA", "QA", "eigG", "QG") + (("A", "G") if self.keep_covariances else ())
+        device = next(self.model.parameters()).device
+        theirs = distributed.broadcast(
+            {name: {k: getattr(lay, k) for k in keys} for name, lay in self.layers.items()},
+            self.group)
+        for name, lay in self.layers.items():
+            for k in keys:
+                setattr(lay, k, theirs[name][k].to(device))
+
+    def run_shard(self, data, progress: bool, desc: str) -> None:
+        """``run_batch`` over this rank's batches of ``data`` (all of them without a group)."""
+        rank = 0 if self.group is None else self.group.rank
+        for index, batch in enumerate(_iterate(data, progress and distributed.is_main(), desc)):
+            if distributed.owner(index, self.group) == rank:
+                self.run_batch(batch)
+
     def start_lambda(self, identity: bool):
         self.phase = "lambda"
         self.num_data_cov, self.num_data = self.num_data, 0
@@ -772,6 +824,8 @@ def fit_factors(model: nn.Module, data, loss, *, strategy: str = "ekfac", ggn: s
               "loss": loss.config() if hasattr(loss, "config") else getattr(
                   loss, "__name__", type(loss).__name__)}
     fp = fingerprint(model, names)
+    group = distributed.current()
+    distributed.agree({"config": config, "fingerprint": fp}, "fit_factors' config", group)
     if strategy == "exact":
         return _fit_exact(model, data, loss, ggn, samples_per_example, names, seed, config, fp,
                           progress)
@@ -779,21 +833,27 @@ def fit_factors(model: nn.Module, data, loss, *, strategy: str = "ekfac", ggn: s
         raise ValueError(f"factor_dtype must be torch.float32 or torch.float64, got {factor_dtype}")
     fitter = _Fitter(model, loss, strategy, ggn, sharing, samples_per_example, names, seed,
                      backend)
+    fitter.group = group
     fitter.factor_dtype, fitter.keep_covariances = factor_dtype, bool(keep_covariances)
     timings = {}
     clock = time.perf_counter()
+    group = fitter.group
     if strategy in ("kfac", "ekfac"):
-        for batch in _iterate(data, progress, "covariance"):
-            fitter.run_batch(batch)
+        fitter.run_shard(data, progress, "covariance")
+        if group is not None:
+            fitter.reduce(("S_a", "s_a", "S_g"))
         if fitter.num_data == 0:
             raise ValueError("data is empty")
         timings["covariance"], clock = time.perf_counter() - clock, time.perf_counter()
         fitter.eigendecompose()
+        if group is not None:
+            fitter.broadcast_bases()
         timings["eigendecomposition"], clock = time.perf_counter() - clock, time.perf_counter()
     if strategy in ("ekfac", "diagonal"):
         fitter.start_lambda(identity=strategy == "diagonal")
-        for batch in _iterate(data, progress, "eigenvalue correction"):
-            fitter.run_batch(batch)
+        fitter.run_shard(data, progress, "eigenvalue correction")
+        if group is not None:
+            fitter.reduce(("lam",))
         if fitter.num_data == 0:
             raise ValueError("data is empty")
         timings["lambda"] = time.perf_counter() - clock
@@ -809,12 +869,17 @@ def _fit_exact(model, data, loss, ggn, K, names, seed, config, fp, progress) -> 
     helper = _Fitter.__new__(_Fitter)
     helper.model, helper.loss, helper.K, helper.seed, helper.ggn = model, loss, K, seed, ggn
     helper.num_data = 0
+    helper.group = group = distributed.current()
+    rank = 0 if group is None else group.rank
     p = sum(math.prod(t.shape) for n, t in model.named_parameters() if n in set(names))
     if p > 20000:
         raise ValueError(f"strategy='exact' builds a dense {p}x{p} matrix: for tiny models only "
                          "(select fewer parameters with params=)")
     dense = torch.zeros(p, p, dtype=torch.float64)
-    for batch in _iterate(data, progress, "exact GGN"):
+    for index, batch in enumerate(_iterate(data, progress and distributed.is_main(),
+                                           "exact GGN")):
+        if distributed.owner(index, group) != rank:
+            continue
         outputs, targets, ids, n = helper._rows(batch)
         d = outputs[0].numel()
         for k in range(d if ggn == "model_exact" else 1):
@@ -826,6 +891,9 @@ def _fit_exact(model, data, loss, ggn, K, names, seed, config, fp, progress) -> 
             flat = torch.cat([grads[nm].reshape(n, -1).to(torch.float64) for nm in names], 1)
             dense += flat.T @ flat
         helper.num_data += n
+    if group is not None:
+        dense = distributed.all_reduce(dense, group)
+        helper.num_data = int(distributed.all_reduce(torch.tensor([helper.num_data]), group)[0])
     if helper.num_data == 0:
         raise ValueError("data is empty")
     return Factors({}, config, fp, helper.num_data, dense / helper.num_data, names)

@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import distributed
+
 __all__ = ["digits_demo", "Layout", "attribution_layout", "draw_attribution", "METHODS"]
 
 METHODS = ("das", "dtrak")
@@ -287,7 +289,7 @@ def digits_demo(out="attribution.png", *, methods=METHODS, size: str = "quick", 
             f"{agreement[name]:.0%} of the time (chance ~10%)")
 
     png = None
-    if out is not None:
+    if out is not None and distributed.is_main():     # one writer under torch.distributed
         results = {name: (tops[name].indices, tops[name].values, bottoms[name].indices,
                           bottoms[name].values) for name in methods}
         captions = [f"sample {r} (nn '{int(sample_labels[r])}')" for r in range(n_samples)]

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
+
 __all__ = ["LDSSize", "SIZES", "METHODS", "GroundTruth", "ground_truth", "run_lds",
            "format_table", "write_chart", "save_results", "ABLATION_OUTPUTS", "run_ablation",
            "format_ablation"]
@@ -274,13 +276,15 @@ def ground_truth(size="quick", cache_dir=None, workers: int = 1, progress: bool 
     # the measurements are cached beside the subset models: a re-run (other methods, the
     # ablation, the peers benchmark) reads them instead of re-evaluating every model
     cached = retrainer_dir / f"measure-{_measure_key(cfg, test_sets, retrainer, device)}.pt"
-    if cached.exists():
-        F = torch.load(cached, map_location="cpu", weights_only=True)
-    else:
-        eval_task = DiffusionTask(model, samples_per_example=cfg.eval_K, timesteps="uniform")
-        F = {split: measure(retrainer, data, eval_task, eval_seeds=list(cfg.eval_seeds),
-                            progress=progress) for split, data in test_sets.items()}
-        _save_atomic(cached, F)
+    with distributed.main_first():     # under torch.distributed: rank 0 measures, others read
+        if cached.exists():
+            F = torch.load(cached, map_location="cpu", weights_only=True)
+        else:
+            eval_task = DiffusionTask(model, samples_per_example=cfg.eval_K,
+                                      timesteps="uniform")
+            F = {split: measure(retrainer, data, eval_task, eval_seeds=list(cfg.eval_seeds),
+                                progress=progress) for split, data in test_sets.items()}
+            _save_atomic(cached, F)
     timings["measurement"] = time.perf_counter() - clock
     return GroundTruth(cfg, model, ckpts, train, test_sets, retrainer.masks, F, device, timings)
 

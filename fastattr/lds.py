@@ -54,6 +54,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import distributed
 from .store import FeatureStore, _fsync_dir, _temp_name
 
 __all__ = ["subsets", "Job", "Retrainer", "measure", "lds", "LDSResult", "select_lambda",
@@ -244,7 +245,10 @@ def _init_worker(threads: int) -> None:
 
 
 def _job_device(device: str, position: int) -> str:
-    """``"cuda"`` spreads jobs over every visible GPU (round robin); others are kept."""
+    """``"cuda"`` spreads jobs over every visible GPU (round robin); others are kept. Under
+    ``torch.distributed`` each rank keeps to its own GPU (``torch.cuda.current_device``)."""
+    if device == "cuda" and distributed.current() is not None:
+        return f"cuda:{torch.cuda.current_device()}"
     if device == "cuda" and torch.cuda.device_count() > 1:
         return f"cuda:{position % torch.cuda.device_count()}"
     return device
@@ -431,6 +435,9 @@ class Retrainer:
         names = [job.name for job in jobs]
         if len(set(names)) != len(names):
             raise ValueError("jobs holds two jobs with the same name")
+        group = distributed.current()
+        if group is not None:
+            return self._train_distributed(jobs, desc, group)
         todo = self.missing(jobs)
         if not todo:
             return []
@@ -441,6 +448,34 @@ class Retrainer:
                            str(self.path(job.name)), pass_device)
             return [job.name for job in todo]
         return self._train_parallel(todo, desc, pass_device)
+
+    def _train_distributed(self, jobs: list, desc: str, group) -> list:
+        """Under ``torch.distributed``: rank 0's list of missing jobs is shared out round
+        robin, each rank trains its share (with its own ``workers``) into the common cache,
+        and every rank returns, once all are done, every name trained now."""
+        distributed.agree({"config": self.config, "jobs": [
+            (j.name, _indices_digest(j.indices), j.seed) for j in jobs]},
+            "the retraining jobs", group)
+        distributed.check_shared(self.cache, group)
+        names = distributed.broadcast([j.name for j in self.missing(jobs)], group)
+        by_name = {j.name: j for j in jobs}
+        mine = [by_name[n] for n in names[group.rank::group.world]]
+        if mine:
+            pass_device = _accepts_device(self.train_fn)
+            if self.workers == 1:
+                for job in _progress(mine, len(mine), f"{desc} (rank {group.rank})",
+                                     self.progress):
+                    _train_job(self.train_fn, job, _job_device(self.device, 0),
+                               str(self.path(job.name)), pass_device)
+            else:
+                self._train_parallel(mine, f"{desc} (rank {group.rank})", pass_device)
+        distributed.barrier(group)
+        lost = [n for n in names if not self.has(n)]
+        if lost:
+            raise distributed.DistributedSetupError(
+                f"rank {group.rank} does not see {len(lost)} models the other ranks trained "
+                f"into {self.models_dir} (e.g. {lost[0]}): the cache directory must be shared")
+        return names
 
     def _train_parallel(self, todo: list, desc: str, pass_device: bool) -> list:
         from concurrent.futures import ProcessPoolExecutor, as_completed

@@ -7,6 +7,7 @@ mixes its chunks with those of the store. Layout::
 
     path/
       manifest.json                  {"format": 1, "fastattr_version", "config", "created"}
+      session.json                   {"world_size", "nonce", "opened"}: the run writing it now
       <name>/                        one entry ("train_features", "factors", ...)
         chunk_000000/                one complete chunk: a directory of .npy files
           <key>.npy                  one array per key (np.save, no pickle)
@@ -44,10 +45,11 @@ import shutil
 import numpy as np
 import torch
 
-__all__ = ["FeatureStore", "StoreConfigError", "FORMAT_VERSION"]
+__all__ = ["FeatureStore", "StoreConfigError", "StoreSessionError", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SESSION = "session.json"
 # entry names and array keys: file-name safe, not hidden, no path separators
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
 _CHUNK = re.compile(r"chunk_(\d+)")
@@ -64,6 +66,18 @@ class StoreConfigError(ValueError):
             store = FeatureStore("run/", {"method": "trak", "k": 2048})
         except StoreConfigError as err:
             print(err)   # store run was made with another config: k: store has 4096, asked 2048
+    """
+
+
+class StoreSessionError(RuntimeError):
+    """Another run, of another world size, opened the store while this one was writing it.
+
+    Example::
+
+        try:
+            method.fit(train_images)
+        except StoreSessionError as err:
+            print(err)    # ... the world size changed while the store was open ...
     """
 
 
@@ -91,10 +105,10 @@ def _temp_name(prefix: str, kind: str = "tmp") -> str:
 
 
 def _check_name(value, what: str) -> str:
-    if not isinstance(value, str) or not _NAME.fullmatch(value) or value == MANIFEST:
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or value in (MANIFEST, SESSION):
         raise ValueError(f"{what} must be a simple name (letters, digits, '_', '-', '.'; not "
                          f"starting with '.', no '/', at most 200 characters, not "
-                         f"{MANIFEST!r}), got {value!r}")
+                         f"{MANIFEST!r} or {SESSION!r}), got {value!r}")
     return value
 
 
@@ -434,6 +448,63 @@ class FeatureStore:
             return self.read_chunk(name, 0, mmap=mmap)
         except (KeyError, FileNotFoundError):
             return None                     # moved away by a concurrent put
+
+    # -------------------------------------------------------------------- sessions
+
+    def open_session(self, world_size: int, nonce: str) -> None:
+        """Record that a run of ``world_size`` processes (``nonce`` names it) is writing the
+        store now: ``session.json``, replaced atomically. A later launch (after a crash,
+        with any world size) replaces it; ``check_session`` lets a running pass notice that.
+
+        Example::
+
+            store.open_session(world_size=2, nonce="3f2a...")
+        """
+        world_size = _check_count(world_size, "world_size")
+        body = {"world_size": world_size, "nonce": str(nonce),
+                "opened": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        tmp = self.path / (_temp_name("session") + ".json")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(body, fh, sort_keys=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path / SESSION)
+            _fsync_dir(self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def session(self) -> dict | None:
+        """The last recorded session ``{"world_size", "nonce", "opened"}``, or None.
+
+        Example::
+
+            store.session()["world_size"]
+        """
+        try:
+            return json.loads((self.path / SESSION).read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def check_session(self, world_size: int, nonce: str) -> None:
+        """Raise ``StoreSessionError`` when another launch of another world size has opened
+        the store since this run's ``open_session`` (two jobs writing one store, or a
+        re-launch while this one still runs). A session of the same world size replacing
+        ours is tolerated: chunks are written whole and the first rename wins, so two runs of
+        one config cannot corrupt each other.
+
+        Example::
+
+            store.check_session(2, nonce)      # at the end of a pass
+        """
+        seen = self.session()
+        if seen is not None and seen.get("nonce") != nonce \
+                and seen.get("world_size") != world_size:
+            raise StoreSessionError(
+                f"store {self.path}: the world size changed while the store was open: this "
+                f"run has {world_size} process(es), but a run of {seen.get('world_size')} "
+                f"opened the store at {seen.get('opened')} and is writing it. Run one job "
+                "per store; after a crash, re-launch once the old job has stopped")
 
     # -------------------------------------------------------------------- housekeeping
 

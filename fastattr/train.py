@@ -51,6 +51,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import distributed
+
 __all__ = ["Recipe", "RECIPES", "Checkpoints", "train_digits", "default_cache_dir",
            "cache_path", "lr_at"]
 
@@ -364,27 +366,35 @@ def train_digits(subset_indices=None, seed: int = 0, size="quick", steps=None,
         return model, Checkpoints(ckpt_models, list(meta["checkpoint_steps"]),
                                   list(meta["checkpoint_lrs"]))
 
-    if use_cache and path.exists():
-        try:
-            return result(*_load(path, seed, device))
-        except Exception:  # a corrupt or foreign file: train again and replace it
-            pass
+    def run():
+        if use_cache and path.exists():
+            try:
+                return result(*_load(path, seed, device))
+            except Exception:  # a corrupt or foreign file: train again and replace it
+                pass
 
-    images = digits("train").images[subset]
-    final, ckpt_states, ckpt_lrs = _train(recipe, images, seed, device, ckpt_steps,
-                                          f"training digits UNet ({name}, {len(subset)} "
-                                          "images)", progress)
-    model = _new_model(seed)
-    model.load_state_dict(final)
-    model = model.to(device).eval()
-    meta = {"recipe": dataclasses.asdict(recipe), "size": name, "seed": seed,
-            "n_train": len(subset), "checkpoint_steps": ckpt_steps, "checkpoint_lrs": ckpt_lrs,
-            "version": RECIPE_VERSION}
-    ckpt_models = []
-    for state in ckpt_states:
-        m = _new_model(seed)
-        m.load_state_dict(state)
-        ckpt_models.append(m.to(device).eval())
+        images = digits("train").images[subset]
+        final, ckpt_states, ckpt_lrs = _train(recipe, images, seed, device, ckpt_steps,
+                                              f"training digits UNet ({name}, {len(subset)} "
+                                              "images)", progress)
+        model = _new_model(seed)
+        model.load_state_dict(final)
+        model = model.to(device).eval()
+        meta = {"recipe": dataclasses.asdict(recipe), "size": name, "seed": seed,
+                "n_train": len(subset), "checkpoint_steps": ckpt_steps, "checkpoint_lrs": ckpt_lrs,
+                "version": RECIPE_VERSION}
+        ckpt_models = []
+        for state in ckpt_states:
+            m = _new_model(seed)
+            m.load_state_dict(state)
+            ckpt_models.append(m.to(device).eval())
+        if use_cache:
+            _save(path, final, ckpt_states, meta)
+        return result(model, meta, ckpt_models)
+
     if use_cache:
-        _save(path, final, ckpt_states, meta)
-    return result(model, meta, ckpt_models)
+        # under torch.distributed rank 0 trains (or loads) first, the other ranks then
+        # load its cached file instead of training the same model again
+        with distributed.main_first():
+            return run()
+    return run()

@@ -372,3 +372,22 @@ def test_bad_input(tmp_path):
     # nothing was written by the refused calls
     assert store.chunks("phi") == [] and store.get("obj") is None
     assert not [p for d in tmp_path.iterdir() if d.is_dir() for p in d.iterdir()]
+
+
+def test_session_records_the_world_size_and_catches_a_change(tmp_path):
+    from fastattr.store import StoreSessionError
+
+    store = FeatureStore(tmp_path, {"k": 4})
+    assert store.session() is None
+    store.check_session(2, "ours")                 # nothing recorded yet: fine
+    store.open_session(2, "ours")
+    assert store.session()["world_size"] == 2 and store.session()["nonce"] == "ours"
+    store.check_session(2, "ours")
+    FeatureStore(tmp_path, {"k": 4}).open_session(2, "a re-launch of the same size")
+    store.check_session(2, "ours")                 # same world size: tolerated
+    FeatureStore(tmp_path, {"k": 4}).open_session(3, "another job")
+    with pytest.raises(StoreSessionError, match="this run has 2 process.*a run of 3 opened"):
+        store.check_session(2, "ours")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "session.json"]
+    with pytest.raises(ValueError, match="session.json"):
+        store.write_chunk("session.json", 0, {"x": torch.ones(1)})

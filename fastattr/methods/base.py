@@ -15,9 +15,11 @@ from typing import NamedTuple
 
 import torch
 
+from .. import distributed
 from ..diffusion import DiffusionTask
 
-__all__ = ["AttributionMethod", "TopK", "Kernel", "check_lam", "chunked_scores", "QUERY_IDS"]
+__all__ = ["AttributionMethod", "TopK", "Kernel", "check_lam", "chunked_scores", "streamed_rows",
+           "main_broadcast", "QUERY_IDS"]
 
 # a bare Tensor of test images gets ids QUERY_IDS + j: its noise ε(id, t) then differs from
 # that of the training images (ids 0..n-1), which would otherwise share it position by position
@@ -56,7 +58,7 @@ def check_lam(lam, allow_none: bool = True):
 
 
 def _progress(iterable, total, desc: str, enabled: bool):
-    if not enabled:
+    if not enabled or not distributed.is_main():   # one set of bars: rank 0's
         return iterable
     from tqdm.auto import tqdm
 
@@ -77,11 +79,17 @@ class Kernel:
 
     def __init__(self, features: torch.Tensor):
         phi = features.to(torch.float64)
-        gram = phi.T @ phi
+        group = distributed.current()
+        # under torch.distributed each rank sums its slice of rows, reduced in float64, and
+        # rank 0's eigendecomposition is broadcast: every rank holds the same V bit for bit
+        part = phi[distributed.rank_slice(phi.shape[0], group)]
+        gram = distributed.all_reduce(part.T @ part, group)
         if not torch.isfinite(gram).all():
             raise FloatingPointError("the train features contain NaN/Inf: the model's "
                                      "gradients overflowed or the data holds NaN")
-        s, V = torch.linalg.eigh(gram)
+        s, V = distributed.broadcast(
+            tuple(torch.linalg.eigh(gram)) if distributed.is_main() else None, group)
+        s, V = s.to(phi.device), V.to(phi.device)
         self.eigenvalues = s.clamp_min(0)
         self.V = V
         self.rotated = (phi @ V).to(torch.float32)
@@ -217,33 +225,82 @@ class AttributionMethod:
         existing chunks are read back (their ids checked), missing ones computed and
         written atomically, so an interrupted pass resumes where it stopped.
 
+        Under ``torch.distributed`` (``fastattr.distributed``) the missing chunks are shared
+        out round robin, each rank computes (and writes) its own, and every rank returns the
+        whole pass, as one process would.
+
         Example::
 
             out = method.featurize(data, lambda b: {"x": b[0].flatten(1)}, None, "pass")
         """
         total, batches = self.task.batches(data, self.batch_size, arg,
                                            QUERY_IDS if arg == "test_data" else 0)
+        group = distributed.current()
+        if group is not None and arg == "train_data":   # before the store is opened
+            distributed.agree(self.store_config(), f"{self.name}'s config", group)
         store = self.store() if name is not None else None
-        parts = []
+        session = None
+        if store is not None:
+            session = distributed.check_shared(store, group)
+        todo = None
+        if group is not None and store is not None and total is not None:
+            # share out only what is missing: a re-launch balances the work left
+            todo = {i: pos % group.world for pos, i in enumerate(
+                distributed.broadcast(store.missing(name, total), group))}
+        parts, mine = {}, {}
         for index, batch in enumerate(_progress(batches, total, desc, self.progress)):
-            ids = batch[1]
-            if store is not None and store.has_chunk(name, index):
-                chunk = {k: torch.from_numpy(v.copy()) for k, v in
-                         store.read_chunk(name, index).items()}
-                if not torch.equal(chunk["ids"], ids.cpu()):
-                    raise ValueError(
-                        f"store {store.path} chunk {index} of {name!r} holds other sample ids "
-                        "than this batch: the data (its order or batch_size) differs from the "
-                        "run that wrote the store; use a new store directory")
-            else:
-                chunk = {k: v.detach().cpu() for k, v in compute(batch).items()}
-                chunk["ids"] = ids.cpu()
-                if store is not None:
-                    store.write_chunk(name, index, chunk)
-            parts.append(chunk)
+            ids = batch[1].cpu()
+            if store is not None and store.has_chunk(name, index) and (
+                    todo is None or index not in todo):
+                parts[index] = self._read_chunk(store, name, index, ids)
+                continue
+            rank = todo.get(index, 0) if todo is not None else distributed.owner(index, group)
+            if group is not None and rank != group.rank:
+                parts[index] = ids                  # computed by another rank
+                continue
+            chunk = {k: v.detach().cpu() for k, v in compute(batch).items()}
+            chunk["ids"] = ids
+            if store is not None:
+                store.write_chunk(name, index, chunk)
+            parts[index] = mine[index] = chunk
         if not parts:
             raise ValueError(f"{arg} is empty")
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if store is not None:
+            store.check_session(1 if group is None else group.world, session)
+        if group is not None:
+            parts = self._gather_chunks(parts, mine, store, name, group)
+        chunks = [parts[i] for i in range(len(parts))]
+        return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+    @staticmethod
+    def _read_chunk(store, name, index, ids) -> dict:
+        chunk = {k: torch.from_numpy(v.copy()) for k, v in store.read_chunk(name, index).items()}
+        if not torch.equal(chunk["ids"], ids):
+            raise ValueError(
+                f"store {store.path} chunk {index} of {name!r} holds other sample ids "
+                "than this batch: the data (its order or batch_size) differs from the "
+                "run that wrote the store; use a new store directory")
+        return chunk
+
+    def _gather_chunks(self, parts, mine, store, name, group) -> dict:
+        """Fill the chunks other ranks computed (``parts[i]`` holds their ids): from the
+        store when there is one, else by ``all_gather_object``; ids checked either way."""
+        if store is not None:
+            distributed.barrier(group)          # every rank's chunks are renamed in
+            for index, part in parts.items():
+                if isinstance(part, torch.Tensor):
+                    parts[index] = self._read_chunk(store, name, index, part)
+            return parts
+        for theirs in distributed.all_gather(mine, group):
+            for index, chunk in theirs.items():
+                if not isinstance(parts[index], torch.Tensor):
+                    continue
+                if not torch.equal(chunk["ids"], parts[index]):
+                    raise distributed.DistributedSetupError(
+                        f"batch {index} holds other sample ids on another rank: every rank "
+                        "must pass the same data in the same order (and batch_size)")
+                parts[index] = chunk
+        return parts
 
     # ----------------------------------------------------------------------- public
 
@@ -307,10 +364,61 @@ def chunked_scores(left: torch.Tensor, right: torch.Tensor, weights=None,
 
         scores = chunked_scores(left, kernel.rotated, weights=residuals)
     """
+    group = distributed.current()
+    # under torch.distributed each rank scores a slice of the train columns, then gathered
+    cols = distributed.rank_slice(right.shape[0], group)
+    right = right[cols]
+    weights = None if weights is None else weights[cols]
     out = torch.empty(left.shape[0], right.shape[0], dtype=torch.float32)
     for j in range(0, right.shape[0], chunk):
         block = left @ right[j:j + chunk].to(left.device).T
         if weights is not None:
             block = block * weights[j:j + chunk].to(block.device, block.dtype)
         out[:, j:j + chunk] = block.cpu()
-    return out
+    return distributed.gather_columns(out, group)
+
+
+def streamed_rows(batches, compute, total, desc: str, progress: bool,
+                  check=None) -> torch.Tensor:
+    """``torch.cat([compute(b) for b in batches])`` as float64 on the CPU: one pass of
+    train gradients against fixed directions. Under ``torch.distributed`` each rank computes
+    the batches it owns (round robin) and the rows are gathered, so every rank returns the
+    whole. ``check(batch)`` runs on every batch (e.g. an ids check), owned or not.
+
+    Example::
+
+        dots = streamed_rows(batches, lambda b: task.grads_matmul(b, queries), None,
+                             "train", progress=False)            # [n_train, q]
+    """
+    group = distributed.current()
+    rank = 0 if group is None else group.rank
+    rows = {}
+    count = 0
+    for index, batch in enumerate(_progress(batches, total, desc, progress)):
+        count += 1
+        if check is not None:
+            check(batch)
+        if distributed.owner(index, group) == rank:
+            rows[index] = compute(batch).to(torch.float64).cpu()
+    if group is not None:
+        for theirs in distributed.all_gather(rows, group):
+            rows.update(theirs)
+    if count == 0:
+        raise ValueError("the training data is empty")
+    return torch.cat([rows[i] for i in range(count)])
+
+
+def main_broadcast(make, device):
+    """``make()`` run on rank 0 only and its result (a dict of tensors) broadcast to every
+    rank, on ``device``: query directions are computed once. Without a process group, just
+    ``make()``.
+
+    Example::
+
+        queries = main_broadcast(lambda: factors.precondition(task.grads(batch)), "cpu")
+    """
+    group = distributed.current()
+    if group is None:
+        return make()
+    out = distributed.broadcast(make() if group.rank == 0 else None, group)
+    return {k: v.to(device) for k, v in out.items()}

@@ -39,7 +39,8 @@ import torch
 
 from ..curvature import GGNS, SHARING, STRATEGIES, Factors, fit_factors, kfac_params
 from ..diffusion import _check_output, _output_name
-from .base import QUERY_IDS, AttributionMethod, _progress
+from .. import distributed
+from .base import QUERY_IDS, AttributionMethod, _progress, main_broadcast, streamed_rows
 
 __all__ = ["KFACInfluence"]
 
@@ -190,18 +191,30 @@ class KFACInfluence(AttributionMethod):
         if torch.unique(ids).numel() != ids.numel():   # before the (long) fit, not after
             raise ValueError("train_data holds repeated sample ids: ids must identify samples")
         store = self.store()
+        group = distributed.current()
+        if group is not None:
+            distributed.agree({"config": self.store_config(), "ids": ids.tolist()},
+                              f"{self.name}'s config and training ids", group)
         factors = None
         if store is not None:
+            distributed.check_shared(store, group)
             factors = self._load_factors(store, ids)
+            # one decision for all ranks (rank 0's), so that all or none enter fit_factors
+            if not distributed.broadcast(factors is not None, group):
+                factors = None
+            elif factors is None:
+                raise distributed.DistributedSetupError(
+                    f"rank {group.rank} cannot read the factors rank 0 reads in {store.path}")
         if factors is None:
             factors = fit_factors(self.task.model, batches, self.task.curvature_loss(),
                                   strategy=self.strategy, ggn=self.ggn, sharing=self.sharing,
                                   samples_per_example=self.curvature_samples,
                                   params=self.task.params, backend=self.backend,
                                   progress=self.progress)
-            if store is not None:
+            if store is not None and distributed.is_main():   # every rank holds the same
                 store.put("train_ids", {"ids": ids.sort().values})
                 factors.save(store.path / FACTORS_FILE)
+            distributed.barrier(group)
         self.factors = factors
         self._train_batches = batches
         return ids
@@ -228,22 +241,25 @@ class KFACInfluence(AttributionMethod):
         preconditioning per λ, one streamed train pass for all λ."""
         task, n_train = self.task, self.n_train
         total, tests = task.batches(test_data, self.batch_size, "test_data", QUERY_IDS)
+        device = next(task.model.parameters()).device
         blocks = []
         for batch in _progress(tests, total, f"{self.name} test chunks", self.progress):
-            grads = task.grads(batch, output=self.measurement)
-            b = next(iter(grads.values())).shape[0]
-            pre = [self.factors.precondition(grads, lam) for lam in lams]
-            queries = {n: torch.cat([p[n] for p in pre]) for n in task.params}
-            del grads, pre
-            out = torch.empty(len(lams) * b, n_train, dtype=torch.float32)
-            col = 0
-            for train_batch in _progress(self._train_batches, len(self._train_batches),
-                                         "train gradients", self.progress):
-                dots = task.grads_matmul(train_batch, queries, output="loss",
-                                         backend=self.backend)
-                out[:, col:col + dots.shape[0]] = dots.T.cpu()
-                col += dots.shape[0]
-            blocks.append(out.reshape(len(lams), b, n_train))
+            def make(batch=batch):
+                grads = task.grads(batch, output=self.measurement)
+                pre = [self.factors.precondition(grads, lam) for lam in lams]
+                return {n: torch.cat([p[n] for p in pre]) for n in task.params}
+
+            # rank 0 preconditions the queries; every rank streams its share of the train set
+            queries = main_broadcast(make, device)
+            b = next(iter(queries.values())).shape[0] // len(lams)
+            dots = streamed_rows(self._train_batches,
+                                 lambda tb: task.grads_matmul(tb, queries, output="loss",
+                                                              backend=self.backend),
+                                 len(self._train_batches), "train gradients", self.progress)
+            del queries
+            if dots.shape[0] != n_train:
+                raise RuntimeError(f"streamed {dots.shape[0]} train rows, fitted {n_train}")
+            blocks.append(dots.T.to(torch.float32).reshape(len(lams), b, n_train))
         if not blocks:
             raise ValueError("test_data is empty")
         return torch.cat(blocks, dim=1)

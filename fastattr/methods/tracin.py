@@ -38,7 +38,7 @@ from torch import nn
 
 from ..diffusion import _check_output, _output_name
 from ..projection import Projector
-from .base import QUERY_IDS, AttributionMethod, _progress, chunked_scores
+from .base import QUERY_IDS, AttributionMethod, chunked_scores, main_broadcast, streamed_rows
 
 __all__ = ["TracIn", "ReTrac"]
 
@@ -306,33 +306,42 @@ class TracIn(AttributionMethod):
             yield group
 
     def _stream_train(self, c: int, queries: dict) -> torch.Tensor:
-        """``[n_train, q]``: ⟨g_c(x_i), queries_j⟩ over the kept train data (fit order)."""
+        """``[n_train, q]``: ⟨g_c(x_i), queries_j⟩ over the kept train data (fit order);
+        shared out by rank under ``torch.distributed``."""
         task = self.tasks[c]
         total, batches = task.batches(self._train_data, self.batch_size, "train_data")
-        parts, pos = [], 0
-        for batch in _progress(batches, total, f"{self.name} train ({c + 1}/{len(self.tasks)})",
-                               self.progress):
+        pos = 0
+
+        def check(batch):
+            nonlocal pos
             ids = batch[1].cpu()
             if not torch.equal(ids, self.train_ids[pos:pos + ids.numel()]):
                 raise ValueError("train_data yielded other ids than at fit: it must be "
                                  "re-iterable in a fixed order")
             pos += ids.numel()
-            parts.append(task.grads_matmul(batch, queries, self.output,
-                                           backend=self.backend).to(torch.float64).cpu())
+
+        dots = streamed_rows(batches, lambda b: task.grads_matmul(b, queries, self.output,
+                                                                  backend=self.backend),
+                             total, f"{self.name} train ({c + 1}/{len(self.tasks)})",
+                             self.progress, check)
         if pos != self.n_train:
             raise ValueError(f"train_data yielded {pos} samples at scoring, {self.n_train} at "
                              "fit: it must be re-iterable in a fixed order")
-        return torch.cat(parts)
+        return dots
 
     def _score_exact(self, test_data, query_chunk) -> torch.Tensor:
         rows = []
         for group in self._test_chunks(test_data, query_chunk):
             block = None
             for c, eta in enumerate(self.learning_rates):
-                parts = [self._exact_queries(b, c) for b in group]
-                queries = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+                def make(group=group, c=c):
+                    parts = [self._exact_queries(b, c) for b in group]
+                    return {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+
+                # rank 0 forms the query gradients; every rank streams its share of the train set
+                queries = main_broadcast(make, next(self.tasks[c].model.parameters()).device)
                 dots = self._stream_train(c, queries)              # [n_train, q]
-                del queries, parts
+                del queries
                 if self.normalize:
                     dots = dots * self.train_weights[c][:, None]
                 dots = eta * dots.T
