@@ -237,7 +237,8 @@ class AttributionMethod:
                                            QUERY_IDS if arg == "test_data" else 0)
         group = distributed.current()
         if group is not None and arg == "train_data":   # before the store is opened
-            distributed.agree(self.store_config(), f"{self.name}'s config", group)
+            distributed.agree({**self.store_config(), "store": name is not None and
+                               self.store_path is not None}, f"{self.name}'s config", group)
         store = self.store() if name is not None else None
         session = None
         if store is not None:

@@ -193,7 +193,8 @@ class KFACInfluence(AttributionMethod):
         store = self.store()
         group = distributed.current()
         if group is not None:
-            distributed.agree({"config": self.store_config(), "ids": ids.tolist()},
+            distributed.agree({"config": self.store_config(), "ids": ids.tolist(),
+                               "store": store is not None},
                               f"{self.name}'s config and training ids", group)
         factors = None
         if store is not None:
