@@ -15,7 +15,8 @@ its work out by rank and returns, on every rank, what a single process would ret
 - preconditioned query gradients are computed on rank 0 and broadcast; every rank streams
   its share of the training set against them and the score columns are gathered.
 
-Nothing happens differently without a process group, or with a group of one rank.
+Nothing happens differently without a process group; a group of one rank goes through the
+same collectives (trivially), which lets one GPU check the NCCL path.
 
 Checks before any long work (``DistributedSetupError``): the ranks' method configs (options,
 task, model fingerprints) and data ids agree; a store directory is the same directory on
@@ -61,7 +62,8 @@ class Group(NamedTuple):
 
 
 def current():
-    """The initialised process group with more than one rank (``Group``), else None.
+    """The initialised default process group (``Group``), else None. A group of one rank
+    runs the same collectives as a larger one (a one-GPU NCCL run checks them).
 
     Example::
 
@@ -73,10 +75,7 @@ def current():
 
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    world = dist.get_world_size()
-    if world < 2:
-        return None
-    return Group(dist.get_rank(), world, str(dist.get_backend()))
+    return Group(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
 
 
 def is_main() -> bool:

@@ -34,6 +34,8 @@ def main() -> int:
     parser.add_argument("--k-per-rank", action="store_true",
                         help="rank 1 asks another k (a bad setup)")
     parser.add_argument("--only-dtrak", action="store_true")
+    parser.add_argument("--cuda", action="store_true",
+                        help="model and data on the GPU (NCCL under torchrun)")
     parser.add_argument("--retrain", action="store_true",
                         help="instead: the LDS Retrainer's jobs shared out by rank")
     args = parser.parse_args()
@@ -48,14 +50,17 @@ def main() -> int:
     from fastattr.diffusion import DiffusionTask
     from fastattr.methods import DTRAK, KFACInfluence
 
+    device = "cuda" if args.cuda else "cpu"
     if "RANK" in os.environ:
-        dist.init_process_group("gloo")
+        if args.cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if args.cuda else "gloo")
     group = distributed.current()
     rank = 0 if group is None else group.rank
 
-    model = tiny_unet(0)
-    train = (tiny_images(N_TRAIN, seed=1), torch.arange(N_TRAIN) * 7 + 3)
-    test = (tiny_images(4, seed=2), torch.arange(4) + 1000)
+    model = tiny_unet(0).to(device)
+    train = (tiny_images(N_TRAIN, seed=1).to(device), torch.arange(N_TRAIN) * 7 + 3)
+    test = (tiny_images(4, seed=2).to(device), torch.arange(4) + 1000)
     task = DiffusionTask(model, samples_per_example=2, timesteps="uniform")
 
     computed = [0]
@@ -99,18 +104,26 @@ def main() -> int:
         task.features = features
         das = DAS(task, k=24, batch_size=BATCH, progress=False).fit(train)
         results["das_scores"] = das.score(test)
-        ckpts = dict(checkpoints=[model, tiny_unet(1)], learning_rates=[0.1, 0.05])
+        ckpts = dict(checkpoints=[model, tiny_unet(1).to(device)], learning_rates=[0.1, 0.05])
         results["tracin_exact_scores"] = TracIn(task, k=None, batch_size=BATCH, progress=False,
                                                 **ckpts).fit(train).score(test)
         results["retrac_scores"] = ReTrac(task, k=24, batch_size=BATCH, progress=False,
                                           **ckpts).fit(train).score(test)
     if rank == 0:
         tmp = args.out + ".tmp"
-        torch.save(results, tmp)
+        torch.save(_cpu(results), tmp)
         os.replace(tmp, args.out)
     if group is not None:
         dist.destroy_process_group()
     return 0
+
+
+def _cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    return obj
 
 
 def train_fn(indices, seed):

@@ -55,23 +55,47 @@ def runs(tmp_path_factory):
     return single, torch.load(tmp / "dist.pt"), tmp
 
 
-def test_two_ranks_equal_one_process(runs):
-    single, dist, _ = runs
-    # 13 images in batches of 3: rank 0 computes batches 0, 2, 4 (7 images), rank 1 1, 3 (6)
-    assert single["computed"] == 5 and dist["computed"] == 3
-    assert dist["features"].shape == single["features"].shape == (13, 24)
+def _check_equal(single, dist):
+    """The acceptance tolerances: features and scores ≤ 1e-6 relative, the fp64-reduced
+    kernel and factors ≤ 1e-10."""
     assert _rel(dist["features"], single["features"]) <= 1e-6
-    assert _rel(dist["kernel"], single["kernel"]) <= 1e-10          # ΦᵀΦ reduced in fp64
+    assert _rel(dist["kernel"], single["kernel"]) <= 1e-10
     assert _rel(dist["dtrak_scores"], single["dtrak_scores"]) <= 1e-6
     assert dist["num_data"] == single["num_data"] == 26
     assert set(dist["factors"]) == set(single["factors"])
     for key, want in single["factors"].items():
-        # A, G, Λ (fp64 sums over the ranks) and the eigenbases of the reduced A and G
         assert _rel(dist["factors"][key], want) <= 1e-10, key
     for key in ("kfac_scores", "das_scores", "tracin_exact_scores", "retrac_scores"):
         assert dist[key].shape == (4, 13), key
         assert torch.isfinite(dist[key]).all() and dist[key].abs().sum() > 0, key
         assert _rel(dist[key], single[key]) <= 1e-6, key
+
+
+def test_two_ranks_equal_one_process(runs):
+    single, dist, _ = runs
+    # 13 images in batches of 3: rank 0 computes batches 0, 2, 4 (7 images), rank 1 1, 3 (6)
+    assert single["computed"] == 5 and dist["computed"] == 3
+    assert dist["features"].shape == single["features"].shape == (13, 24)
+    # ΦᵀΦ, A, G, Λ: fp64 sums over the ranks; the eigenbases: rank 0's of the reduced A, G
+    _check_equal(single, dist)
+
+
+def test_a_group_of_one_rank_equals_no_group(runs, tmp_path):
+    # the collectives run trivially: the path a one-GPU NCCL run takes
+    single, _, _ = runs
+    res = _torchrun(tmp_path / "one.pt", tmp_path / "store", nproc=1)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    one = torch.load(tmp_path / "one.pt")
+    assert one["computed"] == 5
+    _check_equal(single, one)
+
+
+@pytest.mark.cuda
+def test_nccl_on_one_gpu_equals_one_process(tmp_path):
+    single = _single(tmp_path / "single.pt", tmp_path / "store1", "--cuda")
+    res = _torchrun(tmp_path / "nccl.pt", tmp_path / "store2", "--cuda", nproc=1)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _check_equal(single, torch.load(tmp_path / "nccl.pt"))
 
 
 def test_the_store_written_by_two_ranks_reads_as_one_process_writes_it(runs):
