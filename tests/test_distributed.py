@@ -243,3 +243,32 @@ def test_init_from_env_names_what_is_missing(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(distributed.DistributedSetupError, match="RANK, WORLD_SIZE, MASTER_ADDR"):
         distributed.init_from_env()
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """An in-process gloo group of world size 1 (the collectives run trivially)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)
+    try:
+        yield distributed.current()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ggn_model_needs_datum_ids_under_a_group(one_rank_group):
+    from fastattr.curvature import fit_factors, regression_loss
+
+    assert one_rank_group == distributed.Group(0, 1, "gloo")
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x, y = torch.randn(6, 5), torch.randn(6, 3)
+    with pytest.raises(ValueError, match="under torch.distributed the loss must return Rows "
+                       "with ids"):
+        fit_factors(mlp, [(x, y)], regression_loss, progress=False)
+    # with ids (or the empirical Fisher, which draws nothing) it fits, as without a group
+    with_ids = fit_factors(mlp, [(x, y, torch.arange(6))], regression_loss, progress=False)
+    loss_ggn = fit_factors(mlp, [(x, y)], regression_loss, ggn="loss", progress=False)
+    assert with_ids.num_data == loss_ggn.num_data == 6
