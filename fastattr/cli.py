@@ -58,8 +58,9 @@ def _cmd_lds(args) -> int:
     chart."""
     import torch
 
-    from fastattr.digits_lds import (format_ablation, format_table, ground_truth,
-                                     run_ablation, run_lds, save_results, write_chart)
+    from fastattr.digits_lds import (format_ablation, format_counterfactual, format_table,
+                                     ground_truth, run_ablation, run_counterfactual, run_lds,
+                                     save_results, write_chart)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,12 +74,20 @@ def _cmd_lds(args) -> int:
     if ablation_Ks:
         results["ablation"] = run_ablation(args.ablation_outputs, ablation_Ks, size=args.size,
                                            progress=not args.no_progress, log=print, gt=gt)
+    if args.counterfactual:
+        results["counterfactual"] = run_counterfactual(
+            args.counterfactual_methods, k=args.counterfactual, n_test=args.counterfactual_n,
+            progress=not args.no_progress, log=print, gt=gt)
     results["wall_seconds"] = time.perf_counter() - start
     print()
     print(format_table(results))
     if ablation_Ks:
         print("\nD-TRAK output-function ablation (val LDS %, held-out λ):")
         print(format_ablation(results["ablation"]))
+    if args.counterfactual:
+        print(f"\nCounterfactual check ({args.counterfactual_n} validation digits; loss change "
+              "of the retrained model):")
+        print(format_counterfactual(results["counterfactual"]))
     from fastattr import distributed
 
     if not distributed.is_main():      # under torch.distributed rank 0 writes the outputs
@@ -253,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "timestep counts, e.g. 10,100")
     lds.add_argument("--ablation-outputs", default=",".join(ABLATION_OUTPUTS),
                      help="output functions of the ablation (default all seven)")
+    lds.add_argument("--counterfactual", type=int, default=0, metavar="K",
+                     help="also run the counterfactual check: retrain without each of the "
+                     "first --counterfactual-n validation digits' top-K proponents and without K "
+                     "random images, and compare the rise of its loss")
+    lds.add_argument("--counterfactual-n", type=int, default=8, metavar="N",
+                     help="validation digits of the counterfactual check (default 8)")
+    lds.add_argument("--counterfactual-methods", default="das,dtrak",
+                     help="methods of the counterfactual check (default das,dtrak)")
     _add_run_options(lds)
     lds.set_defaults(func=_cmd_lds)
 

@@ -4,6 +4,7 @@ writes its table, JSON and chart, and a re-run reuses every trained model."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -83,10 +84,25 @@ def test_command_line_lds_and_bench(tmp_path, monkeypatch, capsys):
     out = tmp_path / "results"
     assert main(["lds", "--methods", "dtrak", "--size", "quick", "--out", str(out),
                  "--cache-dir", str(tmp_path / "cache"), "--no-progress",
-                 "--ablation-K", "1,10", "--ablation-outputs", "square,loss"]) == 0
+                 "--ablation-K", "1,10", "--ablation-outputs", "square,loss",
+                 "--counterfactual", "3", "--counterfactual-n", "2",
+                 "--counterfactual-methods", "dtrak"]) == 0
     printed = capsys.readouterr().out
     assert "LDS val" in printed and "dtrak" in printed and "CIFAR-2 paper" in printed
+    assert "Counterfactual check" in printed and "without top-3" in printed
     saved = json.loads((out / "lds.json").read_text())
+    # the counterfactual check: 2 val digits, their top-3 D-TRAK proponents and 3 random
+    # images removed in turn, each retrained into the cache beside the subset models
+    cf = saved["counterfactual"]
+    assert cf["k"] == 3 and cf["n_test"] == 2 and [r["method"] for r in cf["rows"]] == ["dtrak"]
+    row = cf["rows"][0]
+    assert len(row["delta_top"]) == len(row["delta_random"]) == 2
+    assert all(math.isfinite(v) for v in row["delta_top"] + row["delta_random"])
+    assert row["mean_difference"] == pytest.approx(
+        sum(t - r for t, r in zip(row["delta_top"], row["delta_random"])) / 2)
+    models = sorted(p.name for p in (tmp_path / "cache").rglob("*.pt") if p.name.startswith(
+        ("cf_", "full_")))
+    assert models[-1] == "full_seed_0.pt" and 2 <= len(models) - 1 <= 4, models
     assert list(saved["methods"]) == ["dtrak"] and saved["size"]["n_train"] == 12
     cells = {(r["output"], r["K"]) for r in saved["ablation"]["rows"]}
     assert cells == {("square", 1), ("square", 10), ("loss", 1), ("loss", 10)}
