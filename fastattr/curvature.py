@@ -722,10 +722,8 @@ class _Fitter:
 
     def run_shard(self, data, progress: bool, desc: str) -> None:
         """``run_batch`` over this rank's batches of ``data`` (all of them without a group)."""
-        rank = 0 if self.group is None else self.group.rank
-        for index, batch in enumerate(_iterate(data, progress and distributed.is_main(), desc)):
-            if distributed.owner(index, self.group) == rank:
-                self.run_batch(batch)
+        for batch in _shard(data, progress, desc, self.group):
+            self.run_batch(batch)
 
     def start_lambda(self, identity: bool):
         self.phase = "lambda"
@@ -760,16 +758,21 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _iterate(data, progress: bool, desc: str):
-    try:
-        total = len(data)
-    except TypeError:
-        total = None
-    if progress:
+def _shard(data, progress: bool, desc: str, group):
+    """This rank's batches of ``data`` (``distributed.owner``; every batch without a group),
+    with rank 0's progress bar over the whole pass."""
+    if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
-        return tqdm(data, total=total, desc=desc, leave=False)
-    return data
+        try:
+            total = len(data)
+        except TypeError:
+            total = None
+        data = tqdm(data, total=total, desc=desc, leave=False)
+    rank = 0 if group is None else group.rank
+    for index, batch in enumerate(data):
+        if distributed.owner(index, group) == rank:
+            yield batch
 
 
 def fit_factors(model: nn.Module, data, loss, *, strategy: str = "ekfac", ggn: str = "model",
@@ -837,7 +840,6 @@ def fit_factors(model: nn.Module, data, loss, *, strategy: str = "ekfac", ggn: s
     fitter.factor_dtype, fitter.keep_covariances = factor_dtype, bool(keep_covariances)
     timings = {}
     clock = time.perf_counter()
-    group = fitter.group
     if strategy in ("kfac", "ekfac"):
         fitter.run_shard(data, progress, "covariance")
         if group is not None:
@@ -870,16 +872,12 @@ def _fit_exact(model, data, loss, ggn, K, names, seed, config, fp, progress) -> 
     helper.model, helper.loss, helper.K, helper.seed, helper.ggn = model, loss, K, seed, ggn
     helper.num_data = 0
     helper.group = group = distributed.current()
-    rank = 0 if group is None else group.rank
     p = sum(math.prod(t.shape) for n, t in model.named_parameters() if n in set(names))
     if p > 20000:
         raise ValueError(f"strategy='exact' builds a dense {p}x{p} matrix: for tiny models only "
                          "(select fewer parameters with params=)")
     dense = torch.zeros(p, p, dtype=torch.float64)
-    for index, batch in enumerate(_iterate(data, progress and distributed.is_main(),
-                                           "exact GGN")):
-        if distributed.owner(index, group) != rank:
-            continue
+    for batch in _shard(data, progress, "exact GGN", group):
         outputs, targets, ids, n = helper._rows(batch)
         d = outputs[0].numel()
         for k in range(d if ggn == "model_exact" else 1):

@@ -439,15 +439,20 @@ class Retrainer:
         if group is not None:
             return self._train_distributed(jobs, desc, group)
         todo = self.missing(jobs)
-        if not todo:
-            return []
+        if todo:
+            self._train_here(todo, desc)
+        return [job.name for job in todo]
+
+    def _train_here(self, todo: list, desc: str) -> None:
+        """Train ``todo`` into the cache: in this process (``workers=1``) or in ``workers``
+        spawned processes."""
         pass_device = _accepts_device(self.train_fn)
         if self.workers == 1:
             for pos, job in enumerate(_progress(todo, len(todo), desc, self.progress)):
                 _train_job(self.train_fn, job, _job_device(self.device, pos),
                            str(self.path(job.name)), pass_device)
-            return [job.name for job in todo]
-        return self._train_parallel(todo, desc, pass_device)
+        else:
+            self._train_parallel(todo, desc, pass_device)
 
     def _train_distributed(self, jobs: list, desc: str, group) -> list:
         """Under ``torch.distributed``: rank 0's list of missing jobs is shared out round
@@ -461,14 +466,7 @@ class Retrainer:
         by_name = {j.name: j for j in jobs}
         mine = [by_name[n] for n in names[group.rank::group.world]]
         if mine:
-            pass_device = _accepts_device(self.train_fn)
-            if self.workers == 1:
-                for job in _progress(mine, len(mine), f"{desc} (rank {group.rank})",
-                                     self.progress):
-                    _train_job(self.train_fn, job, _job_device(self.device, 0),
-                               str(self.path(job.name)), pass_device)
-            else:
-                self._train_parallel(mine, f"{desc} (rank {group.rank})", pass_device)
+            self._train_here(mine, f"{desc} (rank {group.rank})")
         distributed.barrier(group)
         lost = [n for n in names if not self.has(n)]
         if lost:
@@ -477,7 +475,7 @@ class Retrainer:
                 f"into {self.models_dir} (e.g. {lost[0]}): the cache directory must be shared")
         return names
 
-    def _train_parallel(self, todo: list, desc: str, pass_device: bool) -> list:
+    def _train_parallel(self, todo: list, desc: str, pass_device: bool) -> None:
         from concurrent.futures import ProcessPoolExecutor, as_completed
         from concurrent.futures.process import BrokenProcessPool
 
@@ -490,7 +488,6 @@ class Retrainer:
                             f"{err}") from None
         ctx = torch.multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // self.workers)
-        done = []
         pool = ProcessPoolExecutor(max_workers=min(self.workers, len(todo)), mp_context=ctx,
                                    initializer=_init_worker, initargs=(threads,))
         try:
@@ -499,14 +496,12 @@ class Retrainer:
                        for pos, job in enumerate(todo)}
             for future in _progress(as_completed(futures), len(futures), desc, self.progress):
                 try:
-                    done.append(future.result())
+                    future.result()            # a job's exception surfaces here
                 except BrokenProcessPool as err:
                     raise RuntimeError(f"a retraining worker died (while training "
                                        f"{futures[future].name} or another job): {err}") from err
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-        done = set(done)
-        return [job.name for job in todo if job.name in done]
 
     def _check_job(self, job) -> Job:
         if not isinstance(job, tuple) or len(job) != 3:

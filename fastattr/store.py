@@ -104,6 +104,16 @@ def _temp_name(prefix: str, kind: str = "tmp") -> str:
     return f".{kind}-{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def _write_json_durably(path, body: dict) -> None:
+    """``body`` as JSON in the new file ``path``, flushed and fsync'ed (the caller renames it
+    into place)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(body, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def _check_name(value, what: str) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value) or value in (MANIFEST, SESSION):
         raise ValueError(f"{what} must be a simple name (letters, digits, '_', '-', '.'; not "
@@ -227,11 +237,7 @@ class FeatureStore:
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
         tmp = self.path / (_temp_name("manifest") + ".json")
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(body, fh, indent=2, sort_keys=True)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            _write_json_durably(tmp, body)
             try:
                 # link, unlike replace, never clobbers: the first creator's manifest stays
                 os.link(tmp, manifest)
@@ -465,10 +471,7 @@ class FeatureStore:
                 "opened": datetime.datetime.now(datetime.timezone.utc).isoformat()}
         tmp = self.path / (_temp_name("session") + ".json")
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(body, fh, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
+            _write_json_durably(tmp, body)
             os.replace(tmp, self.path / SESSION)
             _fsync_dir(self.path)
         finally:
