@@ -56,6 +56,7 @@ cpu_ext = Pybind11Extension(
         f"{CSRC}/bindings.cpp",
         f"{CSRC}/cpu/projection.cpp",
         f"{CSRC}/cpu/projection_avx512.cpp",
+        f"{CSRC}/cpu/projection_amx.cpp",
         f"{CSRC}/cpu/projection_avx2.cpp",
         f"{CSRC}/cpu/psg.cpp",
         f"{CSRC}/cpu/psg_avx512.cpp",

@@ -234,7 +234,7 @@ py::tuple gaussian4(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastattr CPU kernels (C++17, OpenMP, run-time SIMD dispatch)";
   m.def("simd_level", &fastattr::cpu::simd_level,
-        "SIMD variant in use: avx512, avx2 or generic (FASTATTR_CPU_SIMD lowers it)");
+        "SIMD variant in use: amx, avx512, avx2 or generic (FASTATTR_CPU_SIMD lowers it)");
   m.def("philox4x32_10", &philox, "Philox4x32-10 of one counter and key -> 4 words");
   m.def("gaussian4", &gaussian4, "the fp32 Box-Muller entries of four Philox words (unscaled)");
   m.def("philox_key", &fastattr::philox_key, "64-bit Philox key of (seed, ensemble_id)");

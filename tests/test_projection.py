@@ -33,17 +33,29 @@ def rand(*shape, dtype=torch.float32):
     return (torch.randn(*shape) + 0.1).to(dtype)  # random, never zeros
 
 
-@pytest.fixture(params=["avx512", "avx2", "generic"])
+SIMD_LEVELS = ["amx", "avx512", "avx2", "generic"]  # highest first
+
+
+@pytest.fixture(params=SIMD_LEVELS)
 def simd(request, monkeypatch):
-    """Run the cpu backend in each of its SIMD variants (a lower one is forced by env)."""
+    """Run the cpu backend in each of its SIMD variants (a lower one is forced by env; on a
+    CPU without the requested one the highest it has runs)."""
     monkeypatch.setenv("FASTATTR_CPU_SIMD", request.param)
     ext, _ = load_extension("_C")
-    return ext.simd_level()
+    level = ext.simd_level()
+    assert SIMD_LEVELS.index(level) >= SIMD_LEVELS.index(request.param)
+    return level
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
-@pytest.mark.parametrize("B,p,k", [(1, 1, 1), (5, 7, 3), (3, 129, 130), (9, 1000, 4097), (17, 300, 257)])
+@pytest.mark.parametrize(
+    "B,p,k",
+    # 49 rows: 16-row blocks in a 2 x 2 pair and a single one (the amx kernel's two shapes);
+    # 1100 inputs: two full 512-deep blocks and a ragged one; 2200 columns: a second column
+    # block narrower than one group per thread
+    [(1, 1, 1), (5, 7, 3), (3, 129, 130), (9, 1000, 4097), (17, 300, 257), (49, 1100, 2200)],
+)
 def test_cpu_matches_dense_product(simd, kind, dtype, rtol, atol, B, p, k):
     x = rand(B, p, dtype=dtype)
     proj = fastattr.Projector(k, kind=kind, seed=7, backend="cpu")
@@ -136,6 +148,23 @@ def test_non_contiguous_input(backend):
     layers = {"a": rand(3, 4, 5).transpose(1, 2), "b": rand(8, 3).T}
     flat = torch.cat([v.reshape(3, -1) for v in layers.values()], dim=1)
     torch.testing.assert_close(proj.project(layers), proj.project(flat), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_is_fp32_accurate_over_a_wide_range(simd, kind):
+    """Inputs from 1e-30 to 1e30 (per row), few terms per output: each output must be within
+    fp32 rounding of the float64 product relative to its own sum of |x R|. The amx kernel
+    splits each fp32 input (and each Gaussian entry) into three bf16 parts; with a part
+    missing the error would reach 2^-16 of that sum."""
+    B, p, k = 20, 3, 40
+    x = rand(B, p) * torch.logspace(-30, 30, B).unsqueeze(1)
+    proj = fastattr.Projector(k, kind=kind, seed=21, backend="cpu")
+    got = proj.project(x).double()
+    mat = proj.materialize(p).double()
+    expected = x.double() @ mat
+    magnitude = x.double().abs() @ mat.abs()
+    assert torch.isfinite(got).all()
+    assert ((got - expected).abs() / magnitude).max() < 1e-6
 
 
 def test_batch_splits_are_bit_identical_on_cpu():

@@ -14,7 +14,7 @@ SimdLevel hardware_level() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-    return kSimdAvx512;
+    return amx_usable() ? kSimdAmx : kSimdAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kSimdAvx2;
 #endif
   return kSimdGeneric;
@@ -27,11 +27,13 @@ SimdLevel active_simd_level() {
   SimdLevel want = hw;
   if (env && strcmp(env, "generic") == 0) want = kSimdGeneric;
   if (env && strcmp(env, "avx2") == 0) want = kSimdAvx2;
+  if (env && strcmp(env, "avx512") == 0) want = kSimdAvx512;
   return want < hw ? want : hw;
 }
 
 const char* simd_level() {
   switch (active_simd_level()) {
+    case kSimdAmx: return "amx";
     case kSimdAvx512: return "avx512";
     case kSimdAvx2: return "avx2";
     default: return "generic";
@@ -40,6 +42,7 @@ const char* simd_level() {
 
 void project(float* out, int64_t batch, const Layer* layers, int n_layers, const MatrixSpec& spec,
              int threads) {
+  if (active_simd_level() == kSimdAmx) return amx::project(out, batch, layers, n_layers, spec, threads);
   FA_SIMD_DISPATCH(project(out, batch, layers, n_layers, spec, threads))
 }
 

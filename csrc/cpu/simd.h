@@ -5,9 +5,11 @@
 namespace fastattr {
 namespace cpu {
 
-enum SimdLevel { kSimdGeneric = 0, kSimdAvx2 = 1, kSimdAvx512 = 2 };
+// kSimdAmx: AVX-512 plus the bf16 tile units (projection_amx.cpp); the other kernel families
+// run their AVX-512 build there.
+enum SimdLevel { kSimdGeneric = 0, kSimdAvx2 = 1, kSimdAvx512 = 2, kSimdAmx = 3 };
 
-// The hardware level, lowered by FASTATTR_CPU_SIMD=generic|avx2 (never raised); simd_level()
+// The hardware level, lowered by FASTATTR_CPU_SIMD=generic|avx2|avx512 (never raised); simd_level()
 // (projection.h) names it. Defined in projection.cpp.
 SimdLevel active_simd_level();
 
@@ -18,6 +20,7 @@ SimdLevel active_simd_level();
 // namespace fastattr::cpu: FA_SIMD_DISPATCH(project(out, batch, layers, n_layers, spec, threads))
 #define FA_SIMD_DISPATCH(call)                                                                \
   switch (active_simd_level()) {                                                              \
+    case kSimdAmx:                                                                            \
     case kSimdAvx512: return avx512::call;                                                    \
     case kSimdAvx2: return avx2::call;                                                        \
     default: return generic::call;                                                            \
