@@ -105,16 +105,21 @@ static void configure_tiles() {
   _tile_loadconfig(&c);
 }
 
-static inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
-static inline __m512 from_bf16(__m256i h) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+// fp32 bits rounded to the nearest bf16 (ties to even), still as fp32 bits (low half zero).
+// Integer ops: a short dependency chain, unlike a convert-and-widen round trip.
+static inline __m512i round_to_bf16(__m512i u) {
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+  return _mm512_and_si512(up, _mm512_set1_epi32((int)0xffff0000u));
 }
-// parts[0..n) with v == parts[0] + parts[1] + parts[2] exactly for n = 3 (each part is the
-// bf16 rounding of what the earlier ones left; the subtractions are exact).
-static inline void split_bf16(__m512 v, int n, __m256i* parts) {
+
+// The first n of v's three bf16 parts, as fp32 bits with a zero low half: v == u[0] + u[1] +
+// u[2] exactly for n = 3 (each part is the bf16 rounding of what the earlier ones left; the
+// subtractions are exact; an input's NaN or infinity makes the sum NaN or infinite too).
+static inline void split_bf16(__m512 v, int n, __m512i* u) {
   for (int s = 0; s < n; ++s) {
-    parts[s] = to_bf16(v);
-    if (s + 1 < n) v = _mm512_sub_ps(v, from_bf16(parts[s]));
+    u[s] = round_to_bf16(_mm512_castps_si512(v));
+    if (s + 1 < n) v = _mm512_sub_ps(v, _mm512_castsi512_ps(u[s]));
   }
 }
 
@@ -128,8 +133,8 @@ static void pack_a_block(const Layer& L, int64_t batch, int64_t rb, int64_t i0, 
     for (int ks = 0; ks < nks; ++ks) {
       const int64_t n = b < batch ? min64(32, kc - 32 * ks) : 0;
       const int64_t base = b * L.stride_b + (i0 + 32 * ks) * L.stride_p;
-      if (L.dtype == kFloat32 && L.stride_p == 1) {
-        if (n > 0) memcpy(buf, (const float*)L.data + base, (size_t)n * 4);
+      if (L.stride_p == 1) {
+        load_run(L.data, L.dtype, base, n, buf);
       } else if (L.dtype == kFloat32) {
         for (int64_t t = 0; t < n; ++t) buf[t] = ((const float*)L.data)[base + t * L.stride_p];
       } else if (L.dtype == kBFloat16) {
@@ -140,9 +145,10 @@ static void pack_a_block(const Layer& L, int64_t batch, int64_t rb, int64_t i0, 
       for (int64_t t = n; t < 32; ++t) buf[t] = 0.0f;
       uint16_t* dst = ap + (int64_t)ks * 3 * TILE + r * 32;
       for (int h = 0; h < 2; ++h) {
-        __m256i parts[3];
-        split_bf16(_mm512_load_ps(buf + 16 * h), nsx, parts);
-        for (int s = 0; s < nsx; ++s) _mm256_storeu_si256((__m256i*)(dst + s * TILE + 16 * h), parts[s]);
+        __m512i u[3];
+        split_bf16(_mm512_load_ps(buf + 16 * h), nsx, u);
+        for (int s = 0; s < nsx; ++s)  // the high halves are the bf16 numbers
+          _mm256_storeu_si256((__m256i*)(dst + s * TILE + 16 * h), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u[s], 16)));
       }
     }
   }
@@ -155,14 +161,6 @@ static inline int64_t b_tile_at(int64_t ks, int64_t c, int s, int64_t nks, int n
   return ((c * nks + ks) * nsr + s) * TILE;
 }
 
-// fp32 bits rounded to the nearest bf16 (ties to even), still as fp32 bits (low half zero).
-// Integer ops: a short dependency chain, unlike a convert-and-widen round trip.
-static inline __m512i round_to_bf16(__m512i u) {
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i up = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
-  return _mm512_and_si512(up, _mm512_set1_epi32((int)0xffff0000u));
-}
-
 // VNNI pairs from two vectors of bf16-exact floats: dword j = (bf16 of lo[j], bf16 of hi[j]).
 static inline __m512i vnni_pair(__m512i lo, __m512i hi) {
   return _mm512_ternarylogic_epi32(_mm512_srli_epi32(lo, 16), hi, _mm512_set1_epi32((int)0xffff0000u),
@@ -172,7 +170,7 @@ static inline __m512i vnni_pair(__m512i lo, __m512i hi) {
 // VNNI B tiles from rows 2q and 2q+1 (row0, row1: `width` columns, a multiple of 16, starting
 // at column tile c0) of the current block (nks tiles deep): tile (ks = q / 16, column tile c0 + c, part s)
 // gets, at row q % 16, the pairs (part s of row0[16c + j], part s of row1[16c + j]), j < 16.
-// nsr == 1: the entries are bf16-exact (+-1); nsr == 3: split as in split_bf16.
+// nsr == 1: the entries are bf16-exact (+-1); nsr == 3: their split_bf16 parts.
 static void pack_b_pair(const float* row0, const float* row1, int64_t width, int64_t q, int64_t c0,
                         int64_t nks, int nsr, uint16_t* bp) {
   const int64_t ks = q / 16, qq = q % 16;
@@ -185,16 +183,10 @@ static void pack_b_pair(const float* row0, const float* row1, int64_t width, int
     return;
   }
   for (int64_t c = 0; c < width / 16; ++c) {
-    __m512i u[2][3];
-    const float* rows[2] = {row0 + 16 * c, row1 + 16 * c};
-    for (int e = 0; e < 2; ++e) {
-      const __m512 v = _mm512_loadu_ps(rows[e]);
-      u[e][0] = round_to_bf16(_mm512_castps_si512(v));
-      const __m512 r = _mm512_sub_ps(v, _mm512_castsi512_ps(u[e][0]));
-      u[e][1] = round_to_bf16(_mm512_castps_si512(r));
-      u[e][2] = _mm512_castps_si512(_mm512_sub_ps(r, _mm512_castsi512_ps(u[e][1])));  // bf16-exact
-    }
-    for (int t = 0; t < 3; ++t) _mm512_storeu_si512(dst + c * step + t * TILE, vnni_pair(u[0][t], u[1][t]));
+    __m512i u0[3], u1[3];
+    split_bf16(_mm512_loadu_ps(row0 + 16 * c), 3, u0);
+    split_bf16(_mm512_loadu_ps(row1 + 16 * c), 3, u1);
+    for (int t = 0; t < 3; ++t) _mm512_storeu_si512(dst + c * step + t * TILE, vnni_pair(u0[t], u1[t]));
   }
 }
 
