@@ -163,9 +163,11 @@ void psg_matmul(uintptr_t out, uintptr_t a, int a_dtype, const std::vector<int64
 }
 
 // S [G, F, F] and s [G, F] of the rows of x (linear [N, T, F], or NCHW with conv geometry),
-// checked so that no index the kernel forms can leave x.
-void covariance(uintptr_t S, uintptr_t s, uintptr_t x, int dtype, const std::vector<int64_t>& shape,
-                const std::vector<int64_t>& conv, bool reduce, int threads) {
+// checked so that no index the kernel forms can leave x. With acc != 0, S and s are unused and
+// the float64 packed upper triangles acc [G, F(F+1)/2] and sums acc_s [G, F] are added to.
+void covariance(uintptr_t S, uintptr_t s, uintptr_t acc, uintptr_t acc_s, uintptr_t x, int dtype,
+                const std::vector<int64_t>& shape, const std::vector<int64_t>& conv, bool reduce,
+                int threads) {
   if (dtype < 0 || dtype > 2) throw std::invalid_argument("x dtype code must be 0, 1 or 2");
   CovInput in{};
   in.x = reinterpret_cast<const void*>(x);
@@ -198,7 +200,10 @@ void covariance(uintptr_t S, uintptr_t s, uintptr_t x, int dtype, const std::vec
   if (std::min({in.n, in.channels, in.h, in.w}) < 1)
     throw std::invalid_argument("x must not be empty");
   py::gil_scoped_release release;
-  fastattr::cpu::covariance(reinterpret_cast<float*>(S), reinterpret_cast<float*>(s), in, threads);
+  if (acc != 0 && acc_s == 0) throw std::invalid_argument("acc needs acc_s");
+  fastattr::cpu::covariance(reinterpret_cast<float*>(S), reinterpret_cast<float*>(s),
+                            reinterpret_cast<double*>(acc), reinterpret_cast<double*>(acc_s), in,
+                            threads);
 }
 
 // L [O, F] = sum_n (g_n^T a_n)^2 for a [N, P, F], g [N, P, O].
@@ -247,7 +252,8 @@ PYBIND11_MODULE(_C, m) {
         "y[B,q] = <G_b, Q_j> (+ <bias_b, Qbias_j>) for one layer, fused (raw pointers; "
         "contiguous inputs; q_bias 0 when absent)");
   m.def("covariance", &covariance,
-        "S[G,F,F] = sum v v^T, s[G,F] = sum v over the rows (conv: in-kernel patches) of x "
+        "S[G,F,F] = sum v v^T, s[G,F] = sum v over the rows (conv: in-kernel patches) of x; "
+        "acc != 0: acc[G,F(F+1)/2] += packed upper S and acc_s += s in float64 instead "
         "(raw pointers; contiguous x)");
   m.def("ekfac_lambda", &ekfac_lambda,
         "L[O,F] = sum_n (g_n^T a_n)^2 without forming the products (raw pointers; contiguous)");

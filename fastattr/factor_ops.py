@@ -8,6 +8,9 @@ eigenvalue correction without per-sample gradients.
   ``reduce=True`` sums each row's positions / tokens first (the "reduce" weight-sharing
   variant). ``s`` gives the bias row of the augmented covariance of ``[a; 1]`` without a
   ones column.
+- ``covariance_add(x, packed, sums, conv, reduce)``: the same added in place to float64
+  running sums, upper triangle packed (``pack_upper`` / ``unpack_upper``), the form
+  ``fastattr.curvature`` keeps A in between batches.
 - ``ekfac_lambda(a, g)`` -> ``[O, F]``: ``sum_n (g_nᵀ a_n)²`` for ``a [N, P, F]``,
   ``g [N, P, O]``: with ``a``, ``g`` rotated into the K-FAC eigenbases this is the EK-FAC
   correction ``sum_n (Q_Gᵀ G_n Q_A)²``; each ``G_n`` tile lives in registers / cache only.
@@ -24,8 +27,10 @@ import torch
 from . import ops
 from .backends import check_backend_name, select_backend
 from .psg import conv_output_size
+from .reference.curvature import pack_upper, unpack_upper
 
-__all__ = ["covariance", "ekfac_lambda", "conv_features"]
+__all__ = ["covariance", "covariance_add", "ekfac_lambda", "conv_features", "pack_upper",
+           "unpack_upper"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -68,6 +73,12 @@ def covariance(x: torch.Tensor, conv=(), reduce: bool = False, backend: str = "a
         S, s = covariance(a, conv=(3, 3, 2, 2, 1, 1, 1, 1, 1))   # a conv's input
         A = S[0] / rows                                          # expand-variant factor
     """
+    conv = _check_cov_input(x, conv, reduce)
+    backend = select_backend(check_backend_name(backend), x.device)
+    return ops.covariance(x.contiguous(), list(conv), reduce, backend)
+
+
+def _check_cov_input(x, conv, reduce) -> tuple:
     _check_float("x", x)
     if not isinstance(reduce, bool):
         raise TypeError(f"reduce must be a bool, got {type(reduce).__name__}")
@@ -87,8 +98,37 @@ def covariance(x: torch.Tensor, conv=(), reduce: bool = False, backend: str = "a
         raise ValueError(f"x must be [N, T, F] for a linear layer, got shape {tuple(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)})")
+    return conv
+
+
+def covariance_add(x: torch.Tensor, packed: torch.Tensor, sums: torch.Tensor, conv=(),
+                   reduce: bool = False, backend: str = "auto") -> None:
+    """Add ``covariance(x, conv, reduce)`` to float64 running sums in place: ``packed [G,
+    F(F+1)/2] += pack_upper(S)``, ``sums [G, F] += s``. The cpu kernel adds its finished
+    upper triangle straight in, so neither ``S`` nor a packed copy of it is ever allocated.
+
+    Example::
+
+        packed = torch.zeros(1, F * (F + 1) // 2, dtype=torch.float64)
+        sums = torch.zeros(1, F, dtype=torch.float64)
+        for a in batches:
+            covariance_add(a, packed, sums, conv=(3, 3, 1, 1, 1, 1, 1, 1, 1))
+        A = unpack_upper(packed, F)[0] / rows
+    """
+    conv = _check_cov_input(x, conv, reduce)
+    if conv:
+        groups, f = conv[8], conv_features(x.shape[1], conv)
+    else:
+        groups, f = 1, x.shape[2]
+    for name, t, shape in (("packed", packed, (groups, f * (f + 1) // 2)),
+                           ("sums", sums, (groups, f))):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float64 \
+                or tuple(t.shape) != shape or not t.is_contiguous() or t.device != x.device:
+            raise ValueError(f"{name} must be a contiguous float64 tensor {list(shape)} on "
+                             f"{x.device}, got {getattr(t, 'dtype', type(t).__name__)} "
+                             f"{list(getattr(t, 'shape', []))}")
     backend = select_backend(check_backend_name(backend), x.device)
-    return ops.covariance(x.contiguous(), list(conv), reduce, backend)
+    ops.covariance_add(x.contiguous(), list(conv), reduce, packed, sums, backend)
 
 
 def ekfac_lambda(a: torch.Tensor, g: torch.Tensor, backend: str = "auto") -> torch.Tensor:

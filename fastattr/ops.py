@@ -11,7 +11,7 @@ import torch
 from .kernels import implementation
 
 __all__ = ["project", "project_transpose_rows", "psg_project", "psg_matmul", "covariance",
-           "ekfac_lambda"]
+           "covariance_add", "ekfac_lambda"]
 
 # Rows of R materialised at a time by the transpose: about 4M entries (16 MiB fp32).
 TRANSPOSE_CHUNK_ENTRIES = 1 << 22
@@ -153,6 +153,27 @@ def _covariance_fake(x, conv, reduce, backend):
         groups, features = 1, x.shape[2]
     return (x.new_empty((groups, features, features), dtype=torch.float32),
             x.new_empty((groups, features), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastattr::covariance_add", mutates_args=("packed", "sums"))
+def covariance_add(x: torch.Tensor, conv: list[int], reduce: bool, packed: torch.Tensor,
+                   sums: torch.Tensor, backend: str) -> None:
+    """``packed += pack_upper(S)``, ``sums += s`` in float64 for ``covariance``'s ``(S, s)``.
+    The cpu kernel adds into the running sums itself; other backends run their
+    ``covariance`` and pack (``fastattr.reference.curvature.add_packed``). Validated by
+    ``fastattr.factor_ops.covariance_add``."""
+    if backend == "cpu":
+        return implementation(backend, "curvature", "covariance_add")(
+            x, tuple(conv), reduce, packed, sums)
+    from .reference.curvature import add_packed
+
+    S, s = implementation(backend, "curvature", "covariance")(x, tuple(conv), reduce)
+    add_packed(S, s, packed, sums)
+
+
+@covariance_add.register_fake
+def _covariance_add_fake(x, conv, reduce, packed, sums, backend):
+    return None
 
 
 @torch.library.custom_op("fastattr::ekfac_lambda", mutates_args=())

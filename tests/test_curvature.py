@@ -15,11 +15,13 @@ from torch.func import functional_call, grad, vmap
 
 from fastattr import rng
 from fastattr.curvature import Factors, fit_factors, kfac_params, regression_loss
+from fastattr.diffusion import DiffusionLoss, Rows
+
+from _models import tiny_unet
 
 # oracle-grade factors: float64 eigenvectors, and the covariances kept for inspection
 fit = functools.partial(fit_factors, factor_dtype=torch.float64, keep_covariances=True,
                         progress=False)
-from fastattr.diffusion import DiffusionLoss, Rows
 
 
 class ConvNet(nn.Module):
@@ -281,14 +283,48 @@ def test_factors_do_not_depend_on_batching():
             assert_rel(getattr(f2.layers[name], key), getattr(lf, key), 1e-5)
 
 
+@pytest.mark.parametrize("strategy", ["ekfac", "diagonal"])
+def test_factors_do_not_depend_on_max_rows(strategy):
+    """Cutting batches into parts of at most max_rows rows changes nothing beyond rounding:
+    the running sums, the data count and the GGN vectors (keyed by datum id, or numbered in
+    order without ids) are the same."""
+    torch.manual_seed(11)
+    model = ConvNet()
+    batches = data("conv", batch=5)
+    whole = fit(model, batches, regression_loss, strategy=strategy, max_rows=None,
+                progress=False)
+    parts = fit(model, batches, regression_loss, strategy=strategy, max_rows=2,
+                progress=False)
+    assert parts.num_data == whole.num_data
+    for name, lf in whole.layers.items():
+        for key in ("A", "G", "lam") if strategy == "ekfac" else ("lam",):
+            assert_rel(getattr(parts.layers[name], key), getattr(lf, key), 1e-5)
+
+
+def test_max_rows_counts_rows_of_k_draws():
+    """With K draws per example, max_rows=4 runs 1 example (3 rows) per part."""
+    pytest.importorskip("diffusers")
+    unet = tiny_unet(12)
+    batches = [(torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2]))]
+    seen = []
+    loss = DiffusionLoss()
+
+    def counting(model, batch, K):
+        seen.append(batch[0].shape[0])
+        return loss(model, batch, K)
+
+    kw = dict(samples_per_example=3, strategy="kfac", progress=False)
+    parts = fit(unet, batches, counting, max_rows=4, **kw)
+    assert seen == [1, 1, 1]
+    whole = fit(unet, batches, loss, max_rows=None, **kw)
+    for name, lf in whole.layers.items():
+        assert_rel(parts.layers[name].A, lf.A, 1e-5)
+        assert_rel(parts.layers[name].G, lf.G, 1e-5)
+
+
 def test_diffusion_unet_fits_with_k_draws():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(10)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1,
-                                 block_out_channels=(8, 16), layers_per_block=1,
-                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                                 norm_num_groups=4, attention_head_dim=4).eval()
+    pytest.importorskip("diffusers")
+    unet = tiny_unet(10)
     images = torch.randn(4, 1, 8, 8)
     batches = [(images[:2], torch.tensor([0, 1])), (images[2:], torch.tensor([2, 3]))]
     f = fit(unet, batches, DiffusionLoss(), samples_per_example=3, progress=False)
@@ -372,6 +408,8 @@ def test_bad_arguments():
         fit(model, batches, regression_loss, samples_per_example=0)
     with pytest.raises(TypeError, match="re-iterable"):
         fit(model, iter(batches), regression_loss)
+    with pytest.raises(ValueError, match="max_rows must be None or an int >= 1"):
+        fit(model, batches, regression_loss, max_rows=0)
     norm = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3))
     with pytest.raises(ValueError, match="Linear / Conv2d modules only.*1.weight"):
         fit(norm, batches, regression_loss, params=[n for n, _ in norm.named_parameters()])

@@ -161,13 +161,15 @@ def test_bad_shapes_raise_in_the_extension():
     buf = torch.zeros(64)
     ptr = buf.data_ptr()
     with pytest.raises(ValueError, match="conv"):
-        ext.covariance(ptr, ptr, ptr, 0, [1, 2, 3, 3], [3, 3, 1, 1], False, 1)
+        ext.covariance(ptr, ptr, 0, 0, ptr, 0, [1, 2, 3, 3], [3, 3, 1, 1], False, 1)
     with pytest.raises(ValueError, match="no output position"):
-        ext.covariance(ptr, ptr, ptr, 0, [1, 1, 2, 2], [3, 3, 1, 1, 0, 0, 1, 1, 1], False, 1)
+        ext.covariance(ptr, ptr, 0, 0, ptr, 0, [1, 1, 2, 2], [3, 3, 1, 1, 0, 0, 1, 1, 1], False, 1)
     with pytest.raises(ValueError, match="groups"):
-        ext.covariance(ptr, ptr, ptr, 0, [1, 3, 4, 4], [1, 1, 1, 1, 0, 0, 1, 1, 2], False, 1)
+        ext.covariance(ptr, ptr, 0, 0, ptr, 0, [1, 3, 4, 4], [1, 1, 1, 1, 0, 0, 1, 1, 2], False, 1)
     with pytest.raises(ValueError, match="empty"):
-        ext.covariance(ptr, ptr, ptr, 0, [0, 2, 3], [], False, 1)
+        ext.covariance(ptr, ptr, 0, 0, ptr, 0, [0, 2, 3], [], False, 1)
+    with pytest.raises(ValueError, match="acc_s"):
+        ext.covariance(0, 0, ptr, 0, ptr, 0, [1, 2, 3], [], False, 1)
     with pytest.raises(ValueError, match="dtype"):
         ext.ekfac_lambda(ptr, ptr, 5, [1, 2, 3], ptr, 0, [1, 2, 3], 1)
     with pytest.raises(ValueError, match="N, P"):

@@ -160,6 +160,46 @@ def test_ekfac_lambda_mixed_dtypes(backend, poison_outputs):
     assert_rel(factor_ops.ekfac_lambda(a, g, backend=backend), ref.ekfac_lambda(a, g), 1e-5)
 
 
+def check_covariance_add(backend, x, conv, reduce):
+    """covariance_add adds the reference covariance, packed, to random float64 sums."""
+    S_ref, s_ref = ref.covariance(x.cpu(), conv, reduce)
+    groups, f = S_ref.shape[0], S_ref.shape[1]
+    packed = torch.randn(groups, f * (f + 1) // 2, dtype=torch.float64, device=x.device)
+    sums = torch.randn(groups, f, dtype=torch.float64, device=x.device)
+    start_p, start_s = packed.clone(), sums.clone()
+    factor_ops.covariance_add(x, packed, sums, conv, reduce, backend=backend)
+    assert_rel((packed - start_p).cpu().float(), ref.pack_upper(S_ref), TOL[x.dtype])
+    assert_rel((sums - start_s).cpu().float(), s_ref, TOL[x.dtype])
+    # the packed layout itself: row i's entries j >= i, row after row
+    i, j = torch.triu_indices(f, f)
+    assert torch.equal(ref.pack_upper(S_ref), S_ref[:, i, j])
+    assert torch.equal(ref.unpack_upper(ref.pack_upper(S_ref), f), S_ref)
+    upper = ref.unpack_upper(ref.pack_upper(S_ref), f, symmetric=False)
+    assert torch.equal(upper, S_ref.triu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["stride2_pad", "dil_groups"])
+@pytest.mark.parametrize("backend", ["reference"] + COMPILED)
+def test_covariance_add_accumulates_the_packed_covariance(backend, case, dtype):
+    shape, conv = CONV_CASES[case]
+    check_covariance_add(backend, rand(*shape, dtype=dtype), conv, False)
+    check_covariance_add(backend, rand(3, 5, 37, dtype=dtype), (), False)
+
+
+@pytest.mark.skipif("cpu" not in COMPILED, reason="the cpu extension is not built")
+def test_cpu_covariance_add_with_row_splits_and_blocks():
+    """F = 360 > one 256-row strip and 378 rows: several row blocks and row splits, whose
+    partial sums the kernel adds into the packed float64 sums."""
+    check_covariance_add("cpu", rand(9, 40, 7, 6), (3, 3, 1, 1, 1, 1, 1, 1, 1), False)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + COMPILED)
+def test_covariance_add_reduce(backend):
+    shape, conv = CONV_CASES["stride2_pad"]
+    check_covariance_add(backend, rand(*shape), conv, True)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -184,3 +224,9 @@ def test_bad_input_names_the_argument():
         factor_ops.ekfac_lambda(torch.randn(2, 3, 4), torch.ones(2, 3, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="backend"):
         factor_ops.ekfac_lambda(torch.randn(2, 3, 4), torch.randn(2, 3, 4), backend="gpu")
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"packed must be a contiguous float64 tensor \[1, 10\]"):
+        factor_ops.covariance_add(x, torch.zeros(1, 10), torch.zeros(1, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"sums must be a contiguous float64 tensor \[1, 4\]"):
+        factor_ops.covariance_add(x, torch.zeros(1, 10, dtype=torch.float64),
+                                  torch.zeros(1, 5, dtype=torch.float64))

@@ -10,8 +10,9 @@
 namespace fastattr {
 namespace cpu {
 
-void covariance(float* S, float* s, const CovInput& in, int threads) {
-  FA_SIMD_DISPATCH(covariance(S, s, in, threads))
+void covariance(float* S, float* s, double* acc, double* acc_s, const CovInput& in,
+                int threads) {
+  FA_SIMD_DISPATCH(covariance(S, s, acc, acc_s, in, threads))
 }
 
 void ekfac_lambda(float* L, const void* a, int a_dtype, const void* g, int g_dtype, int64_t n,

@@ -25,8 +25,11 @@ struct CovInput {
   int64_t kh, kw, sh, sw, ph, pw, dh, dw, groups;
 };
 
-// S: contiguous float32 [groups, F, F], s: [groups, F], both fully overwritten.
-void covariance(float* S, float* s, const CovInput& in, int threads);
+// acc == nullptr: S (contiguous float32 [groups, F, F], symmetric) and s ([groups, F]) fully
+// overwritten. acc != nullptr: S and s are unused (may be null) and the call instead adds, in
+// float64, its upper triangle packed row by row into acc [groups, F(F+1)/2] (row i's entries
+// j >= i at i*F - i*(i-1)/2 + j - i) and its sums into acc_s [groups, F].
+void covariance(float* S, float* s, double* acc, double* acc_s, const CovInput& in, int threads);
 
 // L: contiguous float32 [o, f], fully overwritten; a [n, p, f], g [n, p, o] contiguous.
 void ekfac_lambda(float* L, const void* a, int a_dtype, const void* g, int g_dtype, int64_t n,
@@ -35,7 +38,8 @@ void ekfac_lambda(float* L, const void* a, int a_dtype, const void* g, int g_dty
 // Per-ISA entry points (curvature_impl.inc compiled once per target).
 #define FA_DECLARE_CURVATURE_ISA(ns)                                                          \
   namespace ns {                                                                              \
-  void covariance(float* S, float* s, const CovInput& in, int threads);                      \
+  void covariance(float* S, float* s, double* acc, double* acc_s, const CovInput& in,      \
+                  int threads);                                                              \
   void ekfac_lambda(float* L, const void* a, int a_dtype, const void* g, int g_dtype,        \
                     int64_t n, int64_t p, int64_t f, int64_t o, int threads);                \
   }
@@ -53,8 +57,9 @@ FA_DECLARE_CURVATURE_ISA(generic)
   namespace fastattr {                                                                        \
   namespace cpu {                                                                             \
   namespace ns {                                                                              \
-  void covariance(float* S, float* s, const CovInput& in, int threads) {                     \
-    generic::covariance(S, s, in, threads);                                                   \
+  void covariance(float* S, float* s, double* acc, double* acc_s, const CovInput& in,        \
+                  int threads) {                                                              \
+    generic::covariance(S, s, acc, acc_s, in, threads);                                       \
   }                                                                                           \
   void ekfac_lambda(float* L, const void* a, int a_dtype, const void* g, int g_dtype,        \
                     int64_t n, int64_t p, int64_t f, int64_t o, int threads) {               \

@@ -94,6 +94,13 @@ def psg_matmul(a, g, seg_ptr, order, conv: tuple, q_weight, q_bias) -> torch.Ten
     return out
 
 
+def _cov_shape(x, conv: list) -> tuple:
+    """(groups, F) of a covariance input."""
+    if conv:
+        return conv[8], x.shape[1] // conv[8] * conv[0] * conv[1]
+    return 1, x.shape[2]
+
+
 def covariance(x, conv: tuple, reduce: bool):
     """``(S [G, F, F], s [G, F])`` float32 of the rows of ``x`` (see
     ``fastattr.reference.curvature.covariance``); conv patches are formed in the kernel."""
@@ -101,16 +108,26 @@ def covariance(x, conv: tuple, reduce: bool):
         raise ValueError(f"the cpu covariance kernel takes a CPU tensor, got x on {x.device}")
     x = x.contiguous()
     conv = [int(v) for v in conv]
-    if conv:
-        groups = conv[8]
-        features = x.shape[1] // groups * conv[0] * conv[1]
-    else:
-        groups, features = 1, x.shape[2]
+    groups, features = _cov_shape(x, conv)
     S = torch.empty(groups, features, features, dtype=torch.float32)
     s = torch.empty(groups, features, dtype=torch.float32)
-    _ext().covariance(S.data_ptr(), s.data_ptr(), x.data_ptr(), DTYPE_CODES[x.dtype],
+    _ext().covariance(S.data_ptr(), s.data_ptr(), 0, 0, x.data_ptr(), DTYPE_CODES[x.dtype],
                       list(x.shape), conv, bool(reduce), torch.get_num_threads())
     return S, s
+
+
+def covariance_add(x, conv: tuple, reduce: bool, packed, sums) -> None:
+    """``packed += pack_upper(S)``, ``sums += s`` in float64 for ``covariance(x, conv,
+    reduce)``'s float32 ``(S, s)``, without writing S or its packed copy out: the kernel adds
+    its finished upper triangle straight into the running sums (contiguous float64 CPU
+    tensors of the right shapes: checked by ``fastattr.factor_ops.covariance_add``)."""
+    if x.device.type != "cpu":
+        raise ValueError(f"the cpu covariance kernel takes a CPU tensor, got x on {x.device}")
+    x = x.contiguous()
+    conv = [int(v) for v in conv]
+    _ext().covariance(0, 0, packed.data_ptr(), sums.data_ptr(), x.data_ptr(),
+                      DTYPE_CODES[x.dtype], list(x.shape), conv, bool(reduce),
+                      torch.get_num_threads())
 
 
 def ekfac_lambda(a, g):

@@ -1,6 +1,9 @@
 """Reference curvature (K-FAC / EK-FAC) accumulation ops: plain torch, ``F.unfold`` allowed.
 
-The oracle for the compiled kernels (and their fallback). Two ops:
+The oracle for the compiled kernels (and their fallback). Two ops, and ``add_packed``: a
+``covariance`` result added to float64 running sums with the upper triangle packed
+(``pack_upper``), which is what the op ``covariance_add`` means and the form
+``fastattr.curvature`` accumulates A in.
 
 ``covariance(x, conv, reduce) -> (S [G, F, F], s [G, F])``, float32, where the rows ``v``
 of ``x`` are
@@ -52,6 +55,36 @@ def covariance(x: torch.Tensor, conv, reduce: bool):
     """``(S [G, F, F], s [G, F])`` float32: second moments and sums of the rows of ``x``."""
     rows = covariance_rows(x, conv, reduce)
     return rows.transpose(1, 2) @ rows, rows.sum(dim=1)
+
+
+def _upper_mask(f: int, device) -> torch.Tensor:
+    return torch.ones(f, f, dtype=torch.bool, device=device).triu()
+
+
+def pack_upper(S: torch.Tensor) -> torch.Tensor:
+    """``[G, f(f+1)/2]``: the upper triangles of ``S [G, f, f]`` packed row by row (row i's
+    entries ``j >= i`` at ``i*f - i*(i-1)/2 + j - i``), the layout of ``covariance_add``."""
+    return S[:, _upper_mask(S.shape[1], S.device)]
+
+
+def unpack_upper(packed: torch.Tensor, f: int, symmetric: bool = True,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[G, f, f]`` of ``pack_upper``'s layout: symmetric, or (``symmetric=False``) the upper
+    triangle only -- all ``torch.linalg.eigh(..., UPLO="U")`` reads, without the transient
+    of mirroring. ``out``: a zero-filled ``[G, f, f]`` tensor (or view) to fill instead."""
+    full = packed.new_zeros(packed.shape[0], f, f) if out is None else out
+    full[:, _upper_mask(f, packed.device)] = packed
+    if symmetric:
+        full += full.triu(1).transpose(1, 2)
+    return full
+
+
+def add_packed(S: torch.Tensor, s: torch.Tensor, packed: torch.Tensor,
+               sums: torch.Tensor) -> None:
+    """``packed += pack_upper(S)``, ``sums += s``: a covariance result added to running
+    sums (float64) in the packed layout (what ``covariance_add`` does)."""
+    packed += pack_upper(S).to(packed.dtype)
+    sums += s.to(sums.dtype)
 
 
 def ekfac_lambda(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
