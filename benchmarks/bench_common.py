@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import importlib.metadata
 import json
@@ -16,6 +15,7 @@ import torch
 
 import fastattr
 from fastattr.backends import backends as fastattr_backends
+from fastattr.batching import release_free_memory
 
 GiB = 1 << 30
 
@@ -102,16 +102,6 @@ def proc_status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _release_free_heap() -> None:
-    """Give the heap's free pages back to the OS (glibc ``malloc_trim``). Without it, memory
-    a warm-up freed stays resident and the next run reuses it unseen, so the RSS growth
-    under-counts by an amount that depends on the allocator's history."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the window starts from the RSS as it is
-        pass
-
-
 def reset_peak_memory(device: str) -> int:
     """Start a peak-memory window; returns the baseline (bytes) that ``peak_memory_mib``
     subtracts: CUDA allocations, or this process's resident set (VmHWM reset to VmRSS)."""
@@ -119,7 +109,9 @@ def reset_peak_memory(device: str) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
-    _release_free_heap()
+    # without it, memory a warm-up freed stays resident and the next run reuses it unseen,
+    # so the RSS growth under-counts by an amount that depends on the allocator's history
+    release_free_memory()
     with open("/proc/self/clear_refs", "w", encoding="utf-8") as fh:
         fh.write("5")  # resets VmHWM (peak RSS) to the current RSS
     return proc_status("VmRSS")

@@ -194,7 +194,7 @@ def run_case(spec: dict) -> dict:
     try:
         fit(model, batches[:2], workdir, spec["threads"])  # warm-up: imports, kernels, caches
         runs, peak = [], 0.0
-        for _ in range(spec.get("repeats", 1)):
+        for _ in range(spec["repeats"]):
             if spec["method"] == "kronfluence":
                 model = build_model(spec["model"], device)  # prepare_model wrapped the modules
             base = reset_peak_memory(device)

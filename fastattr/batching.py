@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import numbers
 
 import torch
@@ -85,7 +86,14 @@ def split_batch(batch, size: int) -> list:
     return [_cut(batch, n, lo, min(n, lo + size)) for lo in range(0, n, size)]
 
 
-_LIBC = []
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
 
 
 def release_free_memory() -> None:
@@ -96,12 +104,6 @@ def release_free_memory() -> None:
     next phase's large buffers) and would add to the next phase's peak resident memory.
     Costs milliseconds; not for inner loops (the pages fault back in when reused).
     """
-    if not _LIBC:
-        name = ctypes.util.find_library("c")
-        try:
-            lib = ctypes.CDLL(name) if name else None
-            _LIBC.append(getattr(lib, "malloc_trim", None))
-        except OSError:
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0](0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

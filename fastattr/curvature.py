@@ -55,7 +55,8 @@ from .backends import select_backend
 from .batching import release_free_memory, split_batch
 from .capture import CONV2D, LINEAR, Capture, _conv_padding, coverage, select_params
 from .diffusion import Rows
-from .factor_ops import conv_features, covariance, covariance_add, ekfac_lambda, unpack_upper
+from .factor_ops import (covariance, covariance_add, covariance_shape, ekfac_lambda,
+                         unpack_upper)
 from .reference.curvature import add_packed
 from .kernels import implementation
 
@@ -538,8 +539,7 @@ class _Fitter:
         if self._first_pass:
             # fp64 running sum of the upper triangle only: half the memory of the full matrix
             if lay.S_a is None:
-                groups = lay.conv[8] if lay.conv else 1
-                f = conv_features(layer.a.shape[1], lay.conv) if lay.conv else layer.a.shape[2]
+                groups, f = covariance_shape(layer.a, lay.conv)
                 lay.S_a = layer.a.new_zeros(groups, f * (f + 1) // 2, dtype=torch.float64)
                 lay.s_a = layer.a.new_zeros(groups, f, dtype=torch.float64)
             if self.sharing == "reduce":  # the rows are sums over r positions: ā = sum / r

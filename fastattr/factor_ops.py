@@ -27,10 +27,10 @@ import torch
 from . import ops
 from .backends import check_backend_name, select_backend
 from .psg import conv_output_size
-from .reference.curvature import pack_upper, unpack_upper
+from .reference.curvature import conv_features, covariance_shape, pack_upper, unpack_upper
 
-__all__ = ["covariance", "covariance_add", "ekfac_lambda", "conv_features", "pack_upper",
-           "unpack_upper"]
+__all__ = ["covariance", "covariance_add", "ekfac_lambda", "conv_features", "covariance_shape",
+           "pack_upper", "unpack_upper"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,11 +52,6 @@ def _check_conv(conv, name: str = "conv") -> tuple:
         raise ValueError(f"{name} has a non-positive size, stride, dilation or groups (or "
                          f"negative padding): {conv!r}")
     return conv
-
-
-def conv_features(channels: int, conv) -> int:
-    """F: entries of one group's patch vector, ``channels / groups * kh * kw``."""
-    return channels // conv[8] * conv[0] * conv[1]
 
 
 def covariance(x: torch.Tensor, conv=(), reduce: bool = False, backend: str = "auto"):
@@ -116,10 +111,7 @@ def covariance_add(x: torch.Tensor, packed: torch.Tensor, sums: torch.Tensor, co
         A = unpack_upper(packed, F)[0] / rows
     """
     conv = _check_cov_input(x, conv, reduce)
-    if conv:
-        groups, f = conv[8], conv_features(x.shape[1], conv)
-    else:
-        groups, f = 1, x.shape[2]
+    groups, f = covariance_shape(x, conv)
     for name, t, shape in (("packed", packed, (groups, f * (f + 1) // 2)),
                            ("sums", sums, (groups, f))):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float64 \

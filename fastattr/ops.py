@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import implementation
+from .reference.curvature import add_packed, covariance_shape
 
 __all__ = ["project", "project_transpose_rows", "psg_project", "psg_matmul", "covariance",
            "covariance_add", "ekfac_lambda"]
@@ -147,10 +148,7 @@ def covariance(x: torch.Tensor, conv: list[int], reduce: bool,
 
 @covariance.register_fake
 def _covariance_fake(x, conv, reduce, backend):
-    if conv:
-        groups, features = conv[8], x.shape[1] // conv[8] * conv[0] * conv[1]
-    else:
-        groups, features = 1, x.shape[2]
+    groups, features = covariance_shape(x, conv)
     return (x.new_empty((groups, features, features), dtype=torch.float32),
             x.new_empty((groups, features), dtype=torch.float32))
 
@@ -165,8 +163,6 @@ def covariance_add(x: torch.Tensor, conv: list[int], reduce: bool, packed: torch
     if backend == "cpu":
         return implementation(backend, "curvature", "covariance_add")(
             x, tuple(conv), reduce, packed, sums)
-    from .reference.curvature import add_packed
-
     S, s = implementation(backend, "curvature", "covariance")(x, tuple(conv), reduce)
     add_packed(S, s, packed, sums)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import load_extension
+from ..reference.curvature import covariance_shape
 from ..rng import projection_scale
 from . import DTYPE_CODES, KIND_CODES
 
@@ -94,13 +95,6 @@ def psg_matmul(a, g, seg_ptr, order, conv: tuple, q_weight, q_bias) -> torch.Ten
     return out
 
 
-def _cov_shape(x, conv: list) -> tuple:
-    """(groups, F) of a covariance input."""
-    if conv:
-        return conv[8], x.shape[1] // conv[8] * conv[0] * conv[1]
-    return 1, x.shape[2]
-
-
 def covariance(x, conv: tuple, reduce: bool):
     """``(S [G, F, F], s [G, F])`` float32 of the rows of ``x`` (see
     ``fastattr.reference.curvature.covariance``); conv patches are formed in the kernel."""
@@ -108,7 +102,7 @@ def covariance(x, conv: tuple, reduce: bool):
         raise ValueError(f"the cpu covariance kernel takes a CPU tensor, got x on {x.device}")
     x = x.contiguous()
     conv = [int(v) for v in conv]
-    groups, features = _cov_shape(x, conv)
+    groups, features = covariance_shape(x, conv)
     S = torch.empty(groups, features, features, dtype=torch.float32)
     s = torch.empty(groups, features, dtype=torch.float32)
     _ext().covariance(S.data_ptr(), s.data_ptr(), 0, 0, x.data_ptr(), DTYPE_CODES[x.dtype],

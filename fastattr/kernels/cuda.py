@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import load_extension
+from ..reference.curvature import covariance_shape
 from ..rng import projection_scale
 from . import DTYPE_CODES, KIND_CODES
 
@@ -174,10 +175,7 @@ def covariance(x, conv: tuple, reduce: bool):
     if x.dim() != (4 if conv else 3):
         raise ValueError(f"x must be {'NCHW [N, C, H, W]' if conv else '[N, T, F]'}, got shape "
                          f"{tuple(x.shape)}")
-    if conv:
-        groups, features = conv[8], x.shape[1] // conv[8] * conv[0] * conv[1]
-    else:
-        groups, features = 1, x.shape[2]
+    groups, features = covariance_shape(x, conv)
     with torch.cuda.device_of(x):
         S = torch.empty(groups, features, features, dtype=torch.float32, device=device)
         s = torch.empty(groups, features, dtype=torch.float32, device=device)

@@ -36,6 +36,18 @@ import torch.nn.functional as F
 LAMBDA_CHUNK = 64
 
 
+def conv_features(channels: int, conv) -> int:
+    """F: entries of one group's patch vector, ``channels / groups * kh * kw``."""
+    return channels // conv[8] * conv[0] * conv[1]
+
+
+def covariance_shape(x: torch.Tensor, conv) -> tuple:
+    """``(G, F)`` of ``covariance(x, conv, ...)``: ``S`` is ``[G, F, F]``, ``s`` ``[G, F]``."""
+    if conv:
+        return conv[8], conv_features(x.shape[1], conv)
+    return 1, x.shape[2]
+
+
 def covariance_rows(x: torch.Tensor, conv, reduce: bool) -> torch.Tensor:
     """The rows of ``covariance`` as float32 ``[G, M, F]`` (materialised: an oracle only)."""
     x = x.to(torch.float32)
