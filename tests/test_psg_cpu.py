@@ -17,7 +17,16 @@ from fastattr.reference import psg as ref
 
 pytestmark = pytest.mark.skipif(not backends()["cpu"].available, reason="fastattr._C not built")
 
-SIMD = ["avx512", "avx2", "generic"]
+# "native": the best build this CPU runs (psg_project on the AMX tile units where the CPU has
+# them); the others are forced with FASTATTR_CPU_SIMD.
+SIMD = ["native", "avx512", "avx2", "generic"]
+
+
+def use_simd(monkeypatch, simd):
+    if simd == "native":
+        monkeypatch.delenv("FASTATTR_CPU_SIMD", raising=False)
+    else:
+        monkeypatch.setenv("FASTATTR_CPU_SIMD", simd)
 
 
 def kernels():
@@ -44,6 +53,8 @@ LAYERS = {
     "conv_groups_f96": ((7, 32, 10, 13), (7, 300, 5, 12), (3, 2, 2, 1, 2, 0, 2, 1, 2)),
     "conv_wide_image": ((4, 3, 3, 300), (4, 5, 3, 300), (1, 3, 1, 1, 0, 1, 1, 1, 1)),
     "conv_depthwise_s2": ((6, 8, 7, 7), (6, 8, 4, 4), (3, 3, 2, 2, 1, 1, 1, 1, 8)),
+    # more samples than one 32-row group of the tile kernels
+    "conv_45_samples": ((45, 6, 5, 5), (45, 10, 5, 5), (3, 3, 1, 1, 1, 1, 1, 1, 1)),
 }
 
 
@@ -68,7 +79,7 @@ def shape_info(a, g, conv):
 @pytest.mark.parametrize("simd", SIMD)
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_psg_project_large_shapes(name, simd, monkeypatch):
-    monkeypatch.setenv("FASTATTR_CPU_SIMD", simd)
+    use_simd(monkeypatch, simd)
     a, g, conv = make(name)
     seg = grouped(a.shape[0], 5)
     for k, kind in ((300, "rademacher"), (70, "gaussian")):
@@ -82,7 +93,7 @@ def test_psg_project_large_shapes(name, simd, monkeypatch):
 @pytest.mark.parametrize("simd", SIMD)
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_psg_matmul_large_shapes(name, simd, monkeypatch):
-    monkeypatch.setenv("FASTATTR_CPU_SIMD", simd)
+    use_simd(monkeypatch, simd)
     a, g, conv = make(name)
     seg = grouped(a.shape[0], 5)
     d_out, features = shape_info(a, g, conv)
@@ -110,8 +121,10 @@ def test_half_inputs_upcast_exactly(name, dtype):
                ref.psg_matmul(a, g, seg.seg_ptr, seg.order, conv, q_weight, None))
 
 
-@pytest.mark.parametrize("name", ["linear_wide", "conv_3x3"])
-def test_bitwise_same_for_any_thread_count_and_batch_split(name):
+@pytest.mark.parametrize("simd", ["native", "avx512"])
+@pytest.mark.parametrize("name", ["linear_wide", "conv_3x3", "conv_45_samples"])
+def test_bitwise_same_for_any_thread_count_and_batch_split(name, simd, monkeypatch):
+    use_simd(monkeypatch, simd)
     a, g, conv = make(name)
     n = a.shape[0]
     key = fastattr.Projector(700).key
@@ -130,6 +143,30 @@ def test_bitwise_same_for_any_thread_count_and_batch_split(name):
     assert torch.equal(full, run(0, n, 1))
     assert torch.equal(full, run(0, n, 3))
     assert torch.equal(full, torch.cat([run(0, 2, 2), run(2, n, 1)]))
+    cut = n // 2 + 1  # another row-group boundary
+    assert torch.equal(full, torch.cat([run(0, cut, 1), run(cut, n, 2)]))
+
+
+@pytest.mark.parametrize("simd", ["native", "avx512"])
+def test_many_samples_and_columns(simd, monkeypatch):
+    """More samples than one 32-row group of the tile kernels (2x2 and 1x4 paths), columns
+    past one generated tile (1024) and not a multiple of 64, blocks deeper than one 512-entry
+    slice, and a column count small enough that threads split the samples instead."""
+    use_simd(monkeypatch, simd)
+    a, g = torch.randn(70, 3, 150), torch.randn(70, 3, 40)
+    seg = grouped(70, 41)
+    for k, kind, threads in ((1100, "rademacher", 2), (100, "rademacher", 2), (100, "gaussian", 3),
+                             (70, "gaussian", 1)):
+        key = fastattr.Projector(k, kind=kind, seed=3).key
+        args = (a, g, seg.seg_ptr, seg.order, (), True, 17, 9000, k, kind, key, 0)
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = kernels().psg_project(*args)
+        finally:
+            torch.set_num_threads(old)
+        assert_rel(got, ref.psg_project(*args))
+        assert (got[1] == 0).all()
 
 
 def test_more_samples_than_one_pass():

@@ -11,6 +11,8 @@ namespace cpu {
 
 void psg_project(float* out, const PsgLayer& layer, bool has_bias, int64_t w_offset,
                  int64_t b_offset, const MatrixSpec& spec, int threads) {
+  if (active_simd_level() == kSimdAmx)
+    return amx::psg_project(out, layer, has_bias, w_offset, b_offset, spec, threads);
   FA_SIMD_DISPATCH(psg_project(out, layer, has_bias, w_offset, b_offset, spec, threads))
 }
 

@@ -61,5 +61,11 @@ FA_DECLARE_PSG_ISA(avx2)
 FA_DECLARE_PSG_ISA(generic)
 #undef FA_DECLARE_PSG_ISA
 
+// The tile-unit build of psg_project (psg_amx.cpp); psg_matmul has none.
+namespace amx {
+void psg_project(float* out, const PsgLayer& layer, bool has_bias, int64_t w_offset,
+                 int64_t b_offset, const MatrixSpec& spec, int threads);
+}
+
 }  // namespace cpu
 }  // namespace fastattr
