@@ -48,6 +48,8 @@ OUTPUT_STREAM = int(Stream.KRON_RIGHT)
 # fp32 scratch entries per chunk of samples in project_layer / project (about 128 MiB):
 # bounds memory whatever the batch size, while keeping chunks large enough for big matmuls.
 _CHUNK_ENTRIES = 1 << 25
+# fp32 entries of generated factors kept between calls (64 MiB).
+_FACTOR_CACHE_ENTRIES = 1 << 24
 
 
 def _param_shape(shape, arg: str) -> tuple:
@@ -123,6 +125,11 @@ class KroneckerProjector:
                                           stream=OUTPUT_STREAM)
         self.kind, self.seed, self.ensemble_id = kind, seed, ensemble_id
         self.backend = self.input_projector.backend
+        # Generated factors, kept for the next batch: {(side, offset, rows, device): tensor}.
+        # They are small (rows x k), but a model has many; the cache is dropped whole when
+        # it passes _FACTOR_CACHE_ENTRIES fp32 entries.
+        self._factor_cache: dict = {}
+        self._factor_cache_size = 0
 
     def __repr__(self) -> str:
         return (f"KroneckerProjector(k_in={self.k_in}, k_out={self.k_out}, kind={self.kind!r}, "
@@ -178,15 +185,29 @@ class KroneckerProjector:
         shape = _param_shape(shape, "shape")
         d_out, features = _matrix_view(shape)
         offset = _check_offset("offset", offset, math.prod(shape))
-        r_out = self._output_factor(offset, d_out, device)
-        r_in = self._input_factor(offset, features, device) if features else None
+        r_out = self._output_factor(offset, d_out, device).clone()  # the cache stays intact
+        r_in = self._input_factor(offset, features, device).clone() if features else None
         return r_in, r_out
 
     def _input_factor(self, offset: int, features: int, device) -> torch.Tensor:
-        return self.input_projector.materialize(range(offset, offset + features), device)
+        return self._factor(self.input_projector, offset, features, device)
 
     def _output_factor(self, offset: int, d_out: int, device) -> torch.Tensor:
-        return self.output_projector.materialize(range(offset, offset + d_out), device)
+        return self._factor(self.output_projector, offset, d_out, device)
+
+    def _factor(self, projector: Projector, offset: int, rows: int, device) -> torch.Tensor:
+        """Rows ``[offset, offset + rows)`` of ``projector``'s matrix (cached; read-only)."""
+        device = torch.device("cpu" if device is None else device)
+        key = (projector.stream, offset, rows, device)
+        factor = self._factor_cache.get(key)
+        if factor is None:
+            factor = projector.materialize(range(offset, offset + rows), device)
+            if self._factor_cache_size + factor.numel() > _FACTOR_CACHE_ENTRIES:
+                self._factor_cache.clear()
+                self._factor_cache_size = 0
+            self._factor_cache[key] = factor
+            self._factor_cache_size += factor.numel()
+        return factor
 
     # -------------------------------------------------------------- per-sample gradients
 
@@ -359,9 +380,15 @@ class KroneckerProjector:
                     + 2 * (self.k_in + self.k_out) * contraction + d_out)
         for segs, longest, rows, padding in _chunks(seg, row_cost):
             n_seg = segs.numel()
-            # rows of the chunk, sample-major and padded to `longest` rows per sample
-            a_rows = a.index_select(0, rows).to(torch.float32)
-            g_rows = g.index_select(0, rows).to(torch.float32)
+            # rows of the chunk, sample-major and padded to `longest` rows per sample; a run
+            # of consecutive rows (e.g. K timesteps per image, image-major) is read in place
+            first = _first_of_run(rows) if padding is None else None
+            if first is not None:
+                a_rows = a[first:first + rows.numel()].to(torch.float32)
+                g_rows = g[first:first + rows.numel()].to(torch.float32)
+            else:
+                a_rows = a.index_select(0, rows).to(torch.float32)
+                g_rows = g.index_select(0, rows).to(torch.float32)
             if padding is not None:  # padding rows are copies of real rows: zero them
                 a_rows[padding] = 0
                 g_rows[padding] = 0
@@ -415,6 +442,15 @@ def _conv_rows(conv: tuple, r_in: torch.Tensor, r_out: torch.Tensor, k_in: int, 
     return project_rows
 
 
+def _first_of_run(rows: torch.Tensor):
+    """``rows[0]`` when ``rows`` are consecutive ints ``r, r + 1, ...``, else ``None``."""
+    if rows.numel() == 0:
+        return None
+    first = int(rows[0])
+    steps = torch.arange(first, first + rows.numel(), device=rows.device)
+    return first if torch.equal(rows, steps) else None
+
+
 def _chunks(seg: Segments, row_cost: int):
     """Chunks of non-empty samples with similar row counts, each within the memory budget.
 
@@ -427,6 +463,15 @@ def _chunks(seg: Segments, row_cost: int):
     features stay zero).
     """
     counts = seg.seg_ptr[1:] - seg.seg_ptr[:-1]
+    n_rows = int(seg.seg_ptr[-1]) if counts.numel() else 0
+    if counts.numel() and n_rows * row_cost <= _CHUNK_ENTRIES:
+        # the common case in one piece: every sample has the same rows, stored in order
+        # (one row per sample, or K timesteps per image, image-major)
+        longest = int(counts[0])
+        if longest > 0 and bool((counts == longest).all()) and torch.equal(
+                seg.order, torch.arange(n_rows, device=seg.order.device)):
+            yield torch.arange(counts.numel(), device=counts.device), longest, seg.order, None
+            return
     by_length = torch.argsort(counts, descending=True, stable=True)
     sorted_counts = counts[by_length].tolist()
     nonempty = sum(1 for c in sorted_counts if c > 0)
