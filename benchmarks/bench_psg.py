@@ -13,6 +13,10 @@ projected per-sample gradients of all the UNet's parameters:
   trak             traker's path: ``FunctionalGradientComputer`` (functional_call + vmap +
                    grad) per timestep, summed, flattened, then ``BasicProjector`` (which
                    regenerates its p x k matrix on every call).
+  forward-backward not a method: one plain forward/backward of the B*K rows (gradient to the
+                   input only), the floor that both fastattr paths share. The table's
+                   "x dense proj" column divides the dense path's time above this floor by
+                   the Kronecker path's.
 
 Each case runs in its own subprocess so that peak memory is its own: on CPU the growth of the
 resident set (VmHWM after resetting it, minus VmRSS before the first call); on GPU
@@ -49,7 +53,7 @@ except ImportError:  # run from a checkout without installing
 from bench_common import (finish, peak_memory_mib, reset_peak_memory,  # noqa: E402
                           run_in_subprocess)
 
-METHODS = ("fastattr-dense", "fastattr-kron", "vmap+projector", "trak")
+METHODS = ("fastattr-dense", "fastattr-kron", "vmap+projector", "trak", "forward-backward")
 # Acceptance of issue 3 on CPU: memory and speed of the dense fused path against
 # vmap + projection at B = 64, and the Kronecker path against dense at equal total k.
 ACCEPT_MEMORY_RATIO = 10.0
@@ -132,6 +136,14 @@ def make_call(method: str, model, batch, ids, B: int, K: int, k: int, device: st
             return diffusion_loss(m, *b, abar)
 
         return lambda: fastattr.projected_grads(model, output_fn, batch, projector, segments=ids)
+
+    if method == "forward-backward":
+        def call():
+            x = x0.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(diffusion_loss(model, x, t, noise, abar).sum(), x)
+            return torch.zeros(B, k)  # the shape the other methods return
+
+        return call
 
     def row_loss(p, xr, tr, nr):
         def fn(*args):
@@ -246,6 +258,10 @@ def add_ratios(rows: list[dict]) -> None:
         dense = by_key.get(("fastattr-dense", r["B"], r["K"]))
         if dense and r["method"] == "fastattr-kron":
             r["x_dense_time"] = dense["median_s"] / r["median_s"]
+            floor = by_key.get(("forward-backward", r["B"], r["K"]))
+            if floor and r["median_s"] > floor["median_s"]:
+                r["x_dense_proj_time"] = ((dense["median_s"] - floor["median_s"])
+                                          / (r["median_s"] - floor["median_s"]))
 
 
 def acceptance(rows: list[dict]) -> list[dict]:
@@ -274,14 +290,14 @@ def _fmt(value, spec):
 
 def print_table(rows):
     print(f"{'method':<16} {'B':>3} {'K':>3} {'k':>5} {'median s':>9} {'peak MiB':>9} "
-          f"{'x vmap t':>8} {'x vmap mem':>10} {'x dense t':>9}  status")
+          f"{'x vmap t':>8} {'x vmap mem':>10} {'x dense t':>9} {'x dense proj':>12}  status")
     for r in rows:
         ok = r["status"] == "ok"
         print(f"{r['method']:<16} {r['B']:>3} {r['K']:>3} {r.get('k_out', r['k']):>5} "
               f"{_fmt(r.get('median_s') if ok else None, '9.3f')} "
               f"{_fmt(r.get('peak_mem_mib') if ok else None, '9.1f')} "
               f"{_fmt(r.get('x_vmap_time'), '8.2f')} {_fmt(r.get('x_vmap_memory'), '10.1f')} "
-              f"{_fmt(r.get('x_dense_time'), '9.1f')}  "
+              f"{_fmt(r.get('x_dense_time'), '9.1f')} {_fmt(r.get('x_dense_proj_time'), '12.1f')}  "
               f"{r['status'] if ok else r['status'] + ': ' + r.get('reason', '')[-200:]}")
 
 

@@ -46,17 +46,21 @@ def test_bench_psg_quick_writes_json(tmp_path):
     out = tmp_path / "psg.json"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, PSG_SCRIPT, "--quick", "--methods",
-                          "fastattr-dense,fastattr-kron,vmap+projector", "--json", str(out)],
+                          "fastattr-dense,fastattr-kron,vmap+projector,forward-backward",
+                          "--json", str(out)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert {r["method"] for r in rows} == {"fastattr-dense", "fastattr-kron", "vmap+projector"}
+    assert {r["method"] for r in rows} == {"fastattr-dense", "fastattr-kron", "vmap+projector",
+                                           "forward-backward"}
     for row in rows:
         assert row["status"] == "ok", row
         assert row["median_s"] > 0 and row["peak_mem_mib"] >= 0
     dense = [r for r in rows if r["method"] == "fastattr-dense"]
     assert all(r["k_out"] == 64 and "x_vmap_time" in r for r in dense)
+    kron = [r for r in rows if r["method"] == "fastattr-kron"]
+    assert kron and all("x_dense_time" in r for r in kron)
     assert data["machine"]["diffusers"]
 
 
