@@ -380,15 +380,10 @@ class KroneckerProjector:
                     + 2 * (self.k_in + self.k_out) * contraction + d_out)
         for segs, longest, rows, padding in _chunks(seg, row_cost):
             n_seg = segs.numel()
-            # rows of the chunk, sample-major and padded to `longest` rows per sample; a run
-            # of consecutive rows (e.g. K timesteps per image, image-major) is read in place
-            first = _first_of_run(rows) if padding is None else None
-            if first is not None:
-                a_rows = a[first:first + rows.numel()].to(torch.float32)
-                g_rows = g[first:first + rows.numel()].to(torch.float32)
-            else:
-                a_rows = a.index_select(0, rows).to(torch.float32)
-                g_rows = g.index_select(0, rows).to(torch.float32)
+            # rows of the chunk, sample-major and padded to `longest` rows per sample (a
+            # slice is read in place, an index tensor gathers a copy)
+            a_rows = a[rows].to(torch.float32)
+            g_rows = g[rows].to(torch.float32)
             if padding is not None:  # padding rows are copies of real rows: zero them
                 a_rows[padding] = 0
                 g_rows[padding] = 0
@@ -442,21 +437,13 @@ def _conv_rows(conv: tuple, r_in: torch.Tensor, r_out: torch.Tensor, k_in: int, 
     return project_rows
 
 
-def _first_of_run(rows: torch.Tensor):
-    """``rows[0]`` when ``rows`` are consecutive ints ``r, r + 1, ...``, else ``None``."""
-    if rows.numel() == 0:
-        return None
-    first = int(rows[0])
-    steps = torch.arange(first, first + rows.numel(), device=rows.device)
-    return first if torch.equal(rows, steps) else None
-
-
 def _chunks(seg: Segments, row_cost: int):
     """Chunks of non-empty samples with similar row counts, each within the memory budget.
 
     Yields ``(segs, longest, rows, padding)``: the chunk's sample ids (tensor), its longest
     row count, the row indices into ``a``/``g`` of every sample padded to ``longest`` rows
-    (sample-major, ``[len(segs) * longest]``), and the positions in ``rows`` that are padding
+    (sample-major, ``[len(segs) * longest]``; a ``slice`` when they are all the rows in
+    order, so they are read in place), and the positions in ``rows`` that are padding
     (``None`` when there are none; they repeat a real row and must be zeroed). Samples are
     taken longest first and a chunk stops before a sample less than half as long as its
     first, so padding at most doubles the work; samples with no rows are skipped (their
@@ -470,7 +457,7 @@ def _chunks(seg: Segments, row_cost: int):
         longest = int(counts[0])
         if longest > 0 and bool((counts == longest).all()) and torch.equal(
                 seg.order, torch.arange(n_rows, device=seg.order.device)):
-            yield torch.arange(counts.numel(), device=counts.device), longest, seg.order, None
+            yield torch.arange(counts.numel(), device=counts.device), longest, slice(0, n_rows), None
             return
     by_length = torch.argsort(counts, descending=True, stable=True)
     sorted_counts = counts[by_length].tolist()

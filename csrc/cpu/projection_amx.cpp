@@ -86,6 +86,7 @@ static constexpr int64_t AKC_RADEMACHER = 512;
 static constexpr int64_t AKC_GAUSSIAN = 1024;
 static constexpr int64_t GAUSS_STRETCH = 256;
 static constexpr int64_t ANCB = 2048;  // columns of one generated tile (multiple of 128)
+
 // The A tiles of 16-row block rb for inputs [i0, i0 + kc) of layer L: tile (ks, s) holds part s
 // of x[rb*16 + r, i0 + 32*ks + t] at row r, element t; zeros past the batch and past kc.
 static void pack_a_block(const Layer& L, int64_t batch, int64_t rb, int64_t i0, int64_t kc,
@@ -107,16 +108,10 @@ static void pack_a_block(const Layer& L, int64_t batch, int64_t rb, int64_t i0, 
       }
       for (int64_t t = n; t < 32; ++t) buf[t] = 0.0f;
       uint16_t* dst = ap + (int64_t)ks * 3 * TILE + r * 32;
-      for (int h = 0; h < 2; ++h) {
-        __m512i u[3];
-        split_bf16(_mm512_load_ps(buf + 16 * h), nsx, u);
-        for (int s = 0; s < nsx; ++s)  // the high halves are the bf16 numbers
-          _mm256_storeu_si256((__m256i*)(dst + s * TILE + 16 * h), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u[s], 16)));
-      }
+      for (int h = 0; h < 2; ++h) store_parts(_mm512_load_ps(buf + 16 * h), nsx, 0xffff, dst + 16 * h);
     }
   }
 }
-
 
 // bf16 parts that carry an input dtype exactly.
 static int parts_of(int dtype) { return dtype == kBFloat16 ? 1 : dtype == kFloat16 ? 2 : 3; }
@@ -132,10 +127,8 @@ void project(float* out, int64_t batch, const Layer* layers, int n_layers, const
   const int64_t k = spec.k;
   if (threads <= 0) threads = omp_get_max_threads();
   const bool rademacher = spec.kind == kRademacher;
-  const int nsr = rademacher ? 1 : 3;
-  MatrixSpec gen = spec;  // Rademacher tiles hold +-1; the scale is applied to the sums
-  if (rademacher) gen.scale = 1.0f;
-  const float out_scale = rademacher ? spec.scale : 1.0f;
+  const int nsr = r_parts(spec);
+  const float out_scale = rademacher ? spec.scale : 1.0f;  // Rademacher tiles hold +-1
   const int64_t n_rb = (batch + 15) / 16, n_rg = (n_rb + 1) / 2;
   const int64_t akc = rademacher ? AKC_RADEMACHER : AKC_GAUSSIAN;
   const int nks_max = (int)(akc / 32);
@@ -190,7 +183,7 @@ void project(float* out, int64_t batch, const Layer* layers, int n_layers, const
               for (int64_t ks = 0; ks < nks; ++ks) {
                 int64_t rows[32];
                 input_rows(L, i0, kc, ks, rows);
-                gen_b_tile(gen, rows, jc + s0, s1 - s0, ks, s0 / 16, nks, nsr, row0, row1, bp);
+                gen_b_tile(spec, rows, jc + s0, s1 - s0, ks, s0 / 16, nks, row0, row1, bp);
               }
               // row groups outside: a group's A tiles stay in L1 while the B tiles stream by
               for (int64_t rg = 0; rg < n_rg; ++rg)
@@ -204,7 +197,7 @@ void project(float* out, int64_t batch, const Layer* layers, int n_layers, const
             for (int64_t ks = 0; ks < nks; ++ks) {
               int64_t rows[32];
               input_rows(L, i0, kc, ks, rows);
-              gen_b_tile(gen, rows, jc, nc_pad, ks, 0, nks, nsr, row0, row1, bp);
+              gen_b_tile(spec, rows, jc, nc_pad, ks, 0, nks, row0, row1, bp);
             }
 #pragma omp for schedule(static)
             for (int64_t w = 0; w < n_cq * n_rg; ++w)

@@ -5,8 +5,8 @@
 namespace fastattr {
 namespace cpu {
 
-// kSimdAmx: AVX-512 plus the bf16 tile units (projection_amx.cpp); the other kernel families
-// run their AVX-512 build there.
+// kSimdAmx: AVX-512 plus the bf16 tile units (projection_amx.cpp, and psg_amx.cpp for
+// psg_project); the other kernels run their AVX-512 build there.
 enum SimdLevel { kSimdGeneric = 0, kSimdAvx2 = 1, kSimdAvx512 = 2, kSimdAmx = 3 };
 
 // The hardware level, lowered by FASTATTR_CPU_SIMD=generic|avx2|avx512 (never raised); simd_level()
