@@ -251,8 +251,8 @@ def _owners(model: nn.Module) -> dict:
     return owners
 
 
-def _plan(model: nn.Module, selected: dict) -> Coverage:
-    owners = _owners(model)
+def _plan(model: nn.Module, selected: dict, owners: dict | None = None) -> Coverage:
+    owners = _owners(model) if owners is None else owners
     parents = dict(model.named_modules())
     plans = []
     for name, p in selected.items():
@@ -380,11 +380,16 @@ class NormIO:
         g = self.g.to(torch.float32)
         n = g.shape[0]
         if self.kind == GROUPNORM:
-            def reduce(t):
-                return t.reshape(n, t.shape[1], -1).sum(2)
-        else:
-            def reduce(t):
-                return t.reshape(n, -1, *self.shape).sum(1)
+            c = g.shape[1]
+            # per-(row, channel) dot products as one batched matmul: no g * x_hat temporary
+            w = (torch.einsum("ncl,ncl->nc", g.reshape(n, c, -1), self.x_hat().reshape(n, c, -1))
+                 if weight else None)
+            b = g.reshape(n, c, -1).sum(2) if bias else None
+            return w, b
+
+        def reduce(t):
+            return t.reshape(n, -1, *self.shape).sum(1)
+
         w = reduce(g * self.x_hat()) if weight else None
         b = reduce(g) if bias else None
         return w, b
@@ -444,7 +449,8 @@ class Capture:
     def __init__(self, model: nn.Module, params=None, on_layer=None):
         self.model = model
         self.selected = select_params(model, params)
-        self.plan = _plan(model, self.selected)
+        owners = _owners(model)
+        self.plan = _plan(model, self.selected, owners)
         self.on_layer = on_layer
         self.layers: dict = {}
         self.num_rows = None
@@ -454,7 +460,6 @@ class Capture:
         self._frozen: list = []
         self._state = "new"
         # the modules whose calls are captured: every owner of a fused parameter
-        owners = _owners(model)
         self._modules = {}
         # {module name: {"weight": parameter name, "bias": parameter name}} (selected only)
         self.roles: dict = {}

@@ -35,6 +35,10 @@ __all__ = ["projected_grads", "per_sample_grads", "grads_matmul"]
 
 def _segment_sum(x: torch.Tensor, seg: Segments) -> torch.Tensor:
     """Per-row ``x [N, ...]`` -> per-sample sums ``[B, ...]`` (fp32)."""
+    k = seg.rows_per_sample
+    if k is not None:  # the common layout: a reshape, no index computation
+        x = x.to(torch.float32)
+        return x if k == 1 else x.reshape(seg.num_segments, k, *x.shape[1:]).sum(1)
     ids = ref_psg.segment_ids(seg.seg_ptr.to(x.device), seg.order.to(x.device))
     out = torch.zeros((seg.num_segments, *x.shape[1:]), dtype=torch.float32, device=x.device)
     return out.index_add_(0, ids, x.to(torch.float32))
@@ -137,7 +141,8 @@ class _Run:
     """One forward/backward of the rows under a ``Capture``; hands each layer call to
     ``on_layer(names, layer, seg)`` and returns the torch.func per-sample gradients."""
 
-    def __init__(self, model, output_fn, batch, params, segments, on_layer, func_chunk_size):
+    def __init__(self, model, output_fn, batch, params, segments, on_layer, func_chunk_size,
+                 on_plan=None):
         if not callable(output_fn):
             raise TypeError(f"output_fn must be a callable (model, batch) -> Tensor[N], got "
                             f"{type(output_fn).__name__}")
@@ -148,6 +153,8 @@ class _Run:
 
         cap = Capture(model, params, on_layer=handler)
         self.plan = cap.plan
+        if on_plan is not None:  # before the forward: on_layer may need what it derives
+            on_plan(self.plan)
         with cap:
             if cap.captured_modules:
                 out = check_row_outputs(output_fn(model, batch))
@@ -250,21 +257,21 @@ def projected_grads(model: nn.Module, output_fn, batch, projector, params=None, 
         else:
             add(slice(None), psg_project(layer, seg, projector, offsets[w], b_off))
 
-    # the plan (and with it offsets / columns) is known before the forward runs
-    plan = _plan(model, select_params(model, params))
-    offsets = plan.offsets()
-    if block:
-        cols, start = {}, 0
-        for name, p in plan.plans.items():
-            size = int(projector.block_size(p.shape))
-            cols[name] = slice(start, start + size)
-            start += size
-        width = start
-    else:
-        cols, width = {name: slice(None) for name in plan}, projector.k
-    plan_box.update(offsets=offsets, cols=cols, width=width)
+    def on_plan(plan):
+        # the plan (and with it offsets / columns) is known before the forward runs
+        if block:
+            cols, start = {}, 0
+            for name, p in plan.plans.items():
+                size = int(projector.block_size(p.shape))
+                cols[name] = slice(start, start + size)
+                start += size
+            width = start
+        else:
+            cols, width = {name: slice(None) for name in plan}, projector.k
+        plan_box.update(offsets=plan.offsets(), cols=cols, width=width)
 
-    run = _Run(model, output_fn, batch, params, segments, on_layer, func_chunk_size)
+    run = _Run(model, output_fn, batch, params, segments, on_layer, func_chunk_size, on_plan)
+    plan, offsets, cols, width = run.plan, plan_box["offsets"], plan_box["cols"], plan_box["width"]
     leftovers = {**run.func_grads, **state["bias"]}
     if leftovers:
         names = [n for n in plan if n in leftovers]  # named_parameters order

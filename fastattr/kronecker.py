@@ -125,7 +125,8 @@ class KroneckerProjector:
                                           stream=OUTPUT_STREAM)
         self.kind, self.seed, self.ensemble_id = kind, seed, ensemble_id
         self.backend = self.input_projector.backend
-        # Generated factors, kept for the next batch: {(side, offset, rows, device): tensor}.
+        # Generated factors (and their conv forms), kept for the next batch:
+        # {(side, offset, rows, device): (tensor,)} and {("conv", ...): (w_in, w_out)}.
         # They are small (rows x k), but a model has many; the cache is dropped whole when
         # it passes _FACTOR_CACHE_ENTRIES fp32 entries.
         self._factor_cache: dict = {}
@@ -202,12 +203,19 @@ class KroneckerProjector:
         factor = self._factor_cache.get(key)
         if factor is None:
             factor = projector.materialize(range(offset, offset + rows), device)
-            if self._factor_cache_size + factor.numel() > _FACTOR_CACHE_ENTRIES:
-                self._factor_cache.clear()
-                self._factor_cache_size = 0
-            self._factor_cache[key] = factor
-            self._factor_cache_size += factor.numel()
-        return factor
+            self._cache_put(key, (factor,))
+            return factor
+        return factor[0]
+
+    def _cache_put(self, key, tensors: tuple):
+        """Keep ``tensors`` under ``key``; the cache is dropped whole when it would pass
+        ``_FACTOR_CACHE_ENTRIES`` entries."""
+        size = sum(t.numel() for t in tensors)
+        if self._factor_cache_size + size > _FACTOR_CACHE_ENTRIES:
+            self._factor_cache.clear()
+            self._factor_cache_size = 0
+        self._factor_cache[key] = tensors
+        self._factor_cache_size += size
 
     # -------------------------------------------------------------- per-sample gradients
 
@@ -353,7 +361,7 @@ class KroneckerProjector:
         if not isinstance(segments, Segments):
             raise TypeError(f"segments must be a fastattr.psg.Segments, got "
                             f"{type(segments).__name__}")
-        layer = check_layer(layer, segments)
+        layer = check_layer(layer, segments, contiguous=False)  # torch takes any strides
         a, g, conv = layer.a, layer.g, tuple(layer.conv)
         device = a.device
         d_out, features = layer.d_out, layer.features
@@ -363,11 +371,8 @@ class KroneckerProjector:
             b_offset = _check_offset("b_offset", b_offset, d_out)
         seg = segments.to(device)
 
-        r_in = self._input_factor(w_offset, features, device)
-        r_out = self._output_factor(w_offset, d_out, device)
         r_bias = self._output_factor(b_offset, d_out, device) if has_bias else None
-        project_rows = (_conv_rows(conv, r_in, r_out, self.k_in, self.k_out) if conv
-                        else _linear_rows(r_in, r_out))
+        project_rows = self._row_projection(conv, w_offset, features, d_out, device)
 
         block = self.k_out * self.k_in
         batch = seg.num_segments
@@ -379,22 +384,39 @@ class KroneckerProjector:
         row_cost = (math.prod(a.shape[1:]) + math.prod(g.shape[1:])
                     + 2 * (self.k_in + self.k_out) * contraction + d_out)
         for segs, longest, rows, padding in _chunks(seg, row_cost):
-            n_seg = segs.numel()
             # rows of the chunk, sample-major and padded to `longest` rows per sample (a
             # slice is read in place, an index tensor gathers a copy)
             a_rows = a[rows].to(torch.float32)
             g_rows = g[rows].to(torch.float32)
+            n_seg = g_rows.shape[0] // longest
             if padding is not None:  # padding rows are copies of real rows: zero them
                 a_rows[padding] = 0
                 g_rows[padding] = 0
-            a_proj, g_proj, g_sum = project_rows(a_rows, g_rows)  # [n, *S, k], [n, d_out]
-            # one batched matmul per chunk contracts over (rows of the sample) x positions S
+            # projections [n, *M, k], M = the positions of a row (linear: tokens; conv:
+            # groups x output pixels), contracted over (rows of a sample) x M by one batched
+            # matmul per chunk (a conv's are transposed views: reshape copies when needed)
+            a_proj, g_proj, g_sum = project_rows(a_rows, g_rows)
             weight = torch.bmm(g_proj.reshape(n_seg, -1, self.k_out).transpose(1, 2),
                                a_proj.reshape(n_seg, -1, self.k_in))
             out[segs, :block] = weight.reshape(n_seg, block)
             if has_bias:
                 out[segs, block:] = g_sum.reshape(n_seg, longest, d_out).sum(1) @ r_bias
         return out
+
+    def _row_projection(self, conv: tuple, offset: int, features: int, d_out: int, device):
+        """``project_rows(a, g) -> (a_proj [n, M, k_in], g_proj [n, M, k_out], g_sum [n,
+        d_out])`` of a layer (see ``_linear_rows`` / ``_conv_rows``). The conv form of the
+        factors is cached beside the factors: building it is a copy per call otherwise."""
+        r_in = self._input_factor(offset, features, device)
+        r_out = self._output_factor(offset, d_out, device)
+        if not conv:
+            return _linear_rows(r_in, r_out)
+        key = ("conv", offset, features, d_out, conv, torch.device(device))
+        weights = self._factor_cache.get(key)
+        if weights is None:
+            weights = _conv_weights(conv, r_in, r_out, self.k_in, self.k_out)
+            self._cache_put(key, weights)
+        return _conv_rows(conv, *weights, self.k_in, self.k_out)
 
 
 def _linear_rows(r_in: torch.Tensor, r_out: torch.Tensor):
@@ -407,31 +429,39 @@ def _linear_rows(r_in: torch.Tensor, r_out: torch.Tensor):
     return project_rows
 
 
-def _conv_rows(conv: tuple, r_in: torch.Tensor, r_out: torch.Tensor, k_in: int, k_out: int):
-    """Row projections of a conv2d: ``a [n, C_in, H, W]`` -> ``[n, L, groups, k_in]``,
-    ``g [n, C_out, H_out, W_out]`` -> ``[n, L, groups, k_out]`` (L = H_out * W_out output
-    positions), and the bias gradients ``[n, C_out]``.
+def _conv_weights(conv: tuple, r_in: torch.Tensor, r_out: torch.Tensor, k_in: int,
+                  k_out: int) -> tuple:
+    """The factors of a conv2d in the form ``_conv_rows`` applies them.
 
     ``R_in`` (rows indexed by (c, i, j) of a patch, the weight's layout) becomes conv weights
-    ``[k_in, C_in/groups, kh, kw]``, repeated for every group so that one grouped convolution
-    projects each group's patches; ``R_out``'s rows of group q become the 1x1 weights
-    ``[k_out, C_out/groups]`` of output group q. Contracting over (L, groups) then sums the
-    groups' products ``R_out[group rows]^T G_group R_in``.
+    ``[groups * k_in, C_in/groups, kh, kw]`` (repeated for every group, so that one grouped
+    convolution projects each group's patches); ``R_out``'s rows of group q become
+    ``[groups, k_out, C_out/groups]``, applied to each group's channels of ``g`` by one
+    batched matmul (cheaper than a 1x1 convolution for a few output channels).
     """
-    kh, kw, sh, sw, ph, pw, dh, dw, groups = conv
+    kh, kw, groups = conv[0], conv[1], conv[8]
     c_in_group = r_in.shape[0] // (kh * kw)
-    c_out_group = r_out.shape[0] // groups
     w_in = r_in.T.reshape(k_in, c_in_group, kh, kw).repeat(groups, 1, 1, 1)
-    w_out = r_out.reshape(groups, c_out_group, k_out).transpose(1, 2)
-    w_out = w_out.reshape(groups * k_out, c_out_group, 1, 1)
+    w_out = r_out.reshape(groups, r_out.shape[0] // groups, k_out).transpose(1, 2).contiguous()
+    return w_in, w_out
+
+
+def _conv_rows(conv: tuple, w_in: torch.Tensor, w_out: torch.Tensor, k_in: int, k_out: int):
+    """Row projections of a conv2d (weights from ``_conv_weights``): ``a [n, C_in, H, W]``
+    -> ``[n, groups, L, k_in]``, ``g [n, C_out, H_out, W_out]`` -> ``[n, groups, L, k_out]``
+    (L = H_out * W_out output positions; transposed views of the ``[n, groups, k, L]``
+    results, not copies), and the bias gradients ``[n, C_out]``. Contracting over
+    (groups, L) then sums the groups' products ``R_out[group rows]^T G_group R_in``.
+    """
+    _, _, sh, sw, ph, pw, dh, dw, groups = conv
 
     def project_rows(a, g):
         n = a.shape[0]
         a_proj = F.conv2d(a, w_in, None, (sh, sw), (ph, pw), (dh, dw), groups)
-        g_proj = F.conv2d(g, w_out, None, 1, 0, 1, groups)
-        # [n, groups * k, H_out, W_out] -> [n, L, groups, k]
-        a_proj = a_proj.reshape(n, groups, k_in, -1).permute(0, 3, 1, 2)
-        g_proj = g_proj.reshape(n, groups, k_out, -1).permute(0, 3, 1, 2)
+        g_proj = torch.matmul(w_out, g.reshape(n, groups, w_out.shape[2], -1))
+        # [n, groups, k, L] -> [n, groups, L, k] views
+        a_proj = a_proj.reshape(n, groups, k_in, -1).transpose(2, 3)
+        g_proj = g_proj.transpose(2, 3)
         return a_proj, g_proj, g.sum((2, 3))
 
     return project_rows
@@ -442,23 +472,20 @@ def _chunks(seg: Segments, row_cost: int):
 
     Yields ``(segs, longest, rows, padding)``: the chunk's sample ids (tensor), its longest
     row count, the row indices into ``a``/``g`` of every sample padded to ``longest`` rows
-    (sample-major, ``[len(segs) * longest]``; a ``slice`` when they are all the rows in
-    order, so they are read in place), and the positions in ``rows`` that are padding
-    (``None`` when there are none; they repeat a real row and must be zeroed). Samples are
-    taken longest first and a chunk stops before a sample less than half as long as its
-    first, so padding at most doubles the work; samples with no rows are skipped (their
-    features stay zero).
+    (sample-major, ``[len(segs) * longest]``; ``segs`` and ``rows`` are slices when the
+    chunk is all samples and rows in order, so they are read and written in place), and
+    the positions in ``rows`` that are padding (``None`` when there are none; they repeat a
+    real row and must be zeroed). Samples are taken longest first and a chunk stops before
+    a sample less than half as long as its first, so padding at most doubles the work;
+    samples with no rows are skipped (their features stay zero).
     """
-    counts = seg.seg_ptr[1:] - seg.seg_ptr[:-1]
-    n_rows = int(seg.seg_ptr[-1]) if counts.numel() else 0
-    if counts.numel() and n_rows * row_cost <= _CHUNK_ENTRIES:
+    longest = seg.rows_per_sample
+    if longest is not None and seg.num_rows * row_cost <= _CHUNK_ENTRIES:
         # the common case in one piece: every sample has the same rows, stored in order
         # (one row per sample, or K timesteps per image, image-major)
-        longest = int(counts[0])
-        if longest > 0 and bool((counts == longest).all()) and torch.equal(
-                seg.order, torch.arange(n_rows, device=seg.order.device)):
-            yield torch.arange(counts.numel(), device=counts.device), longest, slice(0, n_rows), None
-            return
+        yield slice(0, seg.num_segments), longest, slice(0, seg.num_rows), None
+        return
+    counts = seg.seg_ptr[1:] - seg.seg_ptr[:-1]
     by_length = torch.argsort(counts, descending=True, stable=True)
     sorted_counts = counts[by_length].tolist()
     nonempty = sum(1 for c in sorted_counts if c > 0)

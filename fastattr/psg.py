@@ -23,6 +23,7 @@ Layouts (``LayerIO``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -93,7 +94,23 @@ class Segments:
         return self.order.numel()
 
     def to(self, device) -> "Segments":
+        if self.seg_ptr.device == torch.device(device) and self.order.device == self.seg_ptr.device:
+            return self  # keeps the cached rows_per_sample
         return Segments(self.seg_ptr.to(device), self.order.to(device))
+
+    @cached_property
+    def rows_per_sample(self) -> int | None:
+        """K when every sample has the same K >= 1 rows, stored in order (sample b = rows
+        ``[b*K, (b+1)*K)``, e.g. K timesteps per image, image-major): per-sample sums are
+        then a reshape and a sum. None otherwise."""
+        n, batch = self.num_rows, self.num_segments
+        if batch < 1 or n % batch:
+            return None
+        k = n // batch
+        ptr = torch.arange(0, n + 1, max(k, 1), device=self.seg_ptr.device)
+        if k < 1 or not torch.equal(self.seg_ptr, ptr):
+            return None
+        return k if torch.equal(self.order, torch.arange(n, device=self.order.device)) else None
 
 
 @dataclass(frozen=True)
@@ -136,8 +153,10 @@ def conv_output_size(size: int, kernel: int, stride: int, pad: int, dil: int) ->
     return (size + 2 * pad - dil * (kernel - 1) - 1) // stride + 1
 
 
-def check_layer(layer: LayerIO, segments: Segments, name: str = "layer") -> LayerIO:
-    """Validate ``layer`` against ``segments``; returns it with contiguous ``a`` and ``g``."""
+def check_layer(layer: LayerIO, segments: Segments, name: str = "layer",
+                contiguous: bool = True) -> LayerIO:
+    """Validate ``layer`` against ``segments``; returns it with contiguous ``a`` and ``g``
+    (as they are with ``contiguous=False``, for torch code that takes any strides)."""
     a, g, conv = layer.a, layer.g, tuple(layer.conv)
     for arg, t in (("a", a), ("g", g)):
         if not isinstance(t, torch.Tensor):
@@ -178,6 +197,8 @@ def check_layer(layer: LayerIO, segments: Segments, name: str = "layer") -> Laye
         if a.shape[1] != g.shape[1]:
             raise ValueError(f"{name}.a has {a.shape[1]} tokens per row but {name}.g has "
                              f"{g.shape[1]}")
+    if not contiguous:
+        return LayerIO(a, g, conv)
     return LayerIO(a.contiguous(), g.contiguous(), conv)
 
 

@@ -144,6 +144,43 @@ def test_project_layer_with_segments(case, per_sample):
                1e-5)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_project_layer_in_order_rows_non_contiguous(case):
+    """K rows per sample stored in order (one chunk, read in place) from strided a and g:
+    the same numbers as the definition."""
+    module, layer, x, weights = make_layer(case)
+    n = x.shape[0]
+    keep = n - n % 2  # 2 rows per sample, in order
+    # strided views of the same values: every other entry of a twice-as-large tensor
+    a = torch.stack([layer.a[:keep], torch.randn_like(layer.a[:keep])], -1)[..., 0]
+    g = torch.stack([layer.g[:keep], torch.randn_like(layer.g[:keep])], -1)[..., 0]
+    assert not a.is_contiguous() and not g.is_contiguous()
+    seg = Segments.from_ids(torch.arange(keep // 2).repeat_interleave(2))
+    assert seg.rows_per_sample == 2
+    has_bias = module.bias is not None
+    w, b = ref.per_sample_grads(a, g, seg.seg_ptr, seg.order, layer.conv, has_bias)
+    grads = {"weight": w, **({"bias": b} if has_bias else {})}
+    offsets = layer_offsets(module, w_offset=17)
+    proj = fastattr.KroneckerProjector(4, 3, seed=SEED, ensemble_id=ENSEMBLE)
+    got = proj.project_layer(LayerIO(a, g, layer.conv), seg, offsets["weight"],
+                             offsets.get("bias"))
+    assert_rel(got, explicit(grads, offsets, 4, 3, "rademacher"), 1e-5)
+    # a second call reuses the cached conv weights and gives the same numbers
+    again = proj.project_layer(LayerIO(a, g, layer.conv), seg, offsets["weight"],
+                               offsets.get("bias"))
+    assert torch.equal(got, again)
+
+
+def test_rows_per_sample():
+    """K only for equal, in-order segments; None for shuffled, unequal or empty samples."""
+    assert Segments.identity(5).rows_per_sample == 1
+    assert Segments.from_ids(torch.arange(4).repeat_interleave(3)).rows_per_sample == 3
+    assert Segments.from_ids(torch.tensor([1, 0, 0, 1])).rows_per_sample is None  # shuffled
+    assert Segments.from_ids(torch.tensor([0, 0, 1, 1, 1])).rows_per_sample is None
+    assert Segments.from_ids(torch.tensor([0, 0, 2, 2])).rows_per_sample is None  # 1 is empty
+    assert Segments.from_ids(torch.tensor([0, 1]), num_segments=4).rows_per_sample is None
+
+
 def test_chunks_with_unequal_samples(monkeypatch):
     """A tiny scratch budget forces many chunks; sizes 1..9 rows force chunk splits by length."""
     module = torch.nn.Conv2d(3, 4, 3, padding=1)
