@@ -411,6 +411,26 @@ class _Call:
         self.g, self.conv, self.done = None, conv, False
 
 
+def _lowest(root, outputs: list) -> list:
+    """The tensors of ``outputs`` whose autograd node has no node of another one of them
+    below it (reachable through ``next_functions``) in the graph of ``root``; unreached
+    outputs are kept too. A backward to these passes through every node of ``outputs``."""
+    nodes = {t.grad_fn for t in outputs if t.grad_fn is not None}
+    below: dict = {}  # node -> some node of `outputs` is reachable below it
+    stack = [(root, False)] if root is not None else []
+    while stack:  # iterative post-order walk: the graph can be deeper than Python's stack
+        node, children_done = stack.pop()
+        if children_done:
+            below[node] = any(child in nodes or below[child]
+                              for child, _ in node.next_functions if child is not None)
+        elif node not in below:
+            below[node] = False  # visited (a DAG: no child can be an unfinished ancestor)
+            stack.append((node, True))
+            stack.extend((child, False) for child, _ in node.next_functions
+                         if child is not None and child not in below)
+    return [t for t in outputs if t.grad_fn is None or not below.get(t.grad_fn, False)]
+
+
 class Capture:
     """Context manager recording ``LayerIO(a, g)`` of every call of the captured modules
     (``NormIO(x, g, ...)`` for a GroupNorm / LayerNorm).
@@ -585,16 +605,21 @@ class Capture:
         self.num_rows = n
         for call in self._calls:
             self._layer(call, n)  # checks shapes before the backward runs
-        targets, late = [], []
+        outputs, late = [], []
         for call in self._calls:
             if call.out._version == call.version:
-                targets.append(call.out)
+                outputs.append(call.out)
             else:
                 # modified in place after the call: grad w.r.t. the tensor now would be the
                 # gradient of the modified value; the hook still fires with the original's
                 # gradient as long as the backward passes through the call, which asking for
                 # the module's own parameter guarantees
                 late.append(call)
+        # autograd.grad keeps the gradient of every target until it returns; asking only for
+        # the outputs with no other captured output below them in the graph still runs the
+        # backward through every captured call (each lies on a path to one of them), so the
+        # hooks see every g while only a few are kept
+        targets = _lowest(out.grad_fn, outputs)
         for call in late:
             targets.append(next(p for p in (call.module.weight, call.module.bias)
                                 if p is not None and p.requires_grad))

@@ -401,3 +401,42 @@ def test_non_reentrant_checkpointing_is_captured():
     got = grads_from_records(cap, 5)
     for (name, _), exp in zip(model.named_parameters(), expected):
         torch.testing.assert_close(got[name], exp, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_keeps_only_the_lowest_outputs_as_targets():
+    """``_lowest`` picks the captured outputs with no other captured output below them:
+    parallel branches both stay, a layer fed by another is dropped, an output the loss does
+    not use stays (it is unreached); the backward through them still records every call."""
+    from fastattr.capture import _lowest
+
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(4, 5)
+            self.c, self.unused = nn.Linear(5, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            self.unused(x)
+            return self.c(torch.tanh(self.a(x)) * self.b(x))
+
+    model = Branches()
+    x = torch.randn(6, 4)
+    outs = {}
+    hooks = [getattr(model, n).register_forward_hook(
+        lambda m, i, o, n=n: outs.__setitem__(n, o)) for n in ("a", "b", "c", "unused")]
+    loss = model(x).pow(2).sum()
+    for h in hooks:
+        h.remove()
+    lowest = _lowest(loss.grad_fn, [outs[n] for n in ("c", "a", "b", "unused")])
+    assert [id(t) for t in lowest] == [id(outs[n]) for n in ("a", "b", "unused")]
+    assert _lowest(None, [outs["c"]]) == [outs["c"]]  # no graph walked: kept
+
+    expected = torch.autograd.grad(model(x).pow(2).sum(), list(model.parameters()),
+                                   allow_unused=True)
+    with Capture(model) as cap:
+        cap.backward(model(x).pow(2).sum(1))
+    assert [len(cap.layers.get(m, [])) for m in ("a", "b", "c", "unused")] == [1, 1, 1, 0]
+    got = grads_from_records(cap, 6)
+    for (name, _), exp in zip(model.named_parameters(), expected):
+        if exp is not None:
+            torch.testing.assert_close(got[name], exp, rtol=1e-5, atol=1e-6)
