@@ -104,11 +104,10 @@ class Segments:
         ``[b*K, (b+1)*K)``, e.g. K timesteps per image, image-major): per-sample sums are
         then a reshape and a sum. None otherwise."""
         n, batch = self.num_rows, self.num_segments
-        if batch < 1 or n % batch:
+        if batch < 1 or n < batch or n % batch:
             return None
         k = n // batch
-        ptr = torch.arange(0, n + 1, max(k, 1), device=self.seg_ptr.device)
-        if k < 1 or not torch.equal(self.seg_ptr, ptr):
+        if not torch.equal(self.seg_ptr, torch.arange(0, n + 1, k, device=self.seg_ptr.device)):
             return None
         return k if torch.equal(self.order, torch.arange(n, device=self.order.device)) else None
 
