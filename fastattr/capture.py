@@ -381,10 +381,10 @@ class NormIO:
         n = g.shape[0]
         if self.kind == GROUPNORM:
             c = g.shape[1]
+            g = g.reshape(n * c, 1, -1)
             # per-(row, channel) dot products as one batched matmul: no g * x_hat temporary
-            w = (torch.einsum("ncl,ncl->nc", g.reshape(n, c, -1), self.x_hat().reshape(n, c, -1))
-                 if weight else None)
-            b = g.reshape(n, c, -1).sum(2) if bias else None
+            w = torch.bmm(g, self.x_hat().reshape(n * c, -1, 1)).reshape(n, c) if weight else None
+            b = g.sum(2).reshape(n, c) if bias else None
             return w, b
 
         def reduce(t):

@@ -226,11 +226,15 @@ def projected_grads(model: nn.Module, output_fn, batch, projector, params=None, 
     state = {"acc": None, "bias": {}}
     plan_box = {}
 
-    def add(cols: slice, value: torch.Tensor):
+    def features(rows: int, device) -> torch.Tensor:
+        """The result ``[B, width]``, allocated at the first contribution."""
         if state["acc"] is None:
-            state["acc"] = torch.zeros(value.shape[0], plan_box["width"], dtype=torch.float32,
-                                       device=value.device)
-        state["acc"][:, cols] += value
+            state["acc"] = torch.zeros(rows, plan_box["width"], dtype=torch.float32,
+                                       device=device)
+        return state["acc"]
+
+    def add(cols: slice, value: torch.Tensor):
+        features(value.shape[0], value.device)[:, cols] += value
 
     def on_layer(roles, layer, seg):
         offsets, cols = plan_box["offsets"], plan_box["cols"]
@@ -249,11 +253,18 @@ def projected_grads(model: nn.Module, output_fn, batch, projector, params=None, 
             return
         b_off = offsets[b] if b is not None else None
         if block:
+            if b is None or cols[b].start == cols[w].stop:
+                # weight and bias blocks adjacent (as named_parameters lists them): the
+                # layer adds its features straight into the result's columns
+                stop = cols[w].stop if b is None else cols[b].stop
+                acc = features(seg.num_segments, layer.a.device)
+                projector.project_layer(layer, seg, offsets[w], b_off,
+                                        out=acc[:, cols[w].start:stop])
+                return
             res = projector.project_layer(layer, seg, offsets[w], b_off)
             bw = cols[w].stop - cols[w].start
             add(cols[w], res[:, :bw])
-            if b is not None:
-                add(cols[b], res[:, bw:])
+            add(cols[b], res[:, bw:])
         else:
             add(slice(None), psg_project(layer, seg, projector, offsets[w], b_off))
 

@@ -332,7 +332,8 @@ class KroneckerProjector:
     # ----------------------------------------------------------- captured layer inputs
 
     def project_layer(self, layer: LayerIO, segments: Segments, w_offset: int,
-                      b_offset: int | None = None) -> torch.Tensor:
+                      b_offset: int | None = None, *, out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """``[B, block(weight) (+ k_out)]`` float32 from one ``Linear``/``Conv2d`` call.
 
         The same numbers as ``project`` of the per-sample gradients (weight at ``w_offset``,
@@ -349,6 +350,10 @@ class KroneckerProjector:
 
         Samples are handled in chunks of similar row counts (padded, then one batched
         matmul per chunk), so memory stays bounded and the result is deterministic.
+
+        ``out``: a float32 ``[B, width]`` tensor (a column slice of a larger one is fine) that
+        the result is *added* to and which is returned, e.g. to sum several calls of one
+        layer, or the layers of a model into one feature matrix without a copy per layer.
 
         Example::
 
@@ -375,9 +380,8 @@ class KroneckerProjector:
         project_rows = self._row_projection(conv, w_offset, features, d_out, device)
 
         block = self.k_out * self.k_in
-        batch = seg.num_segments
-        out = torch.zeros(batch, block + (self.k_out if has_bias else 0), dtype=torch.float32,
-                          device=device)
+        out = _check_out(out, (seg.num_segments, block + (self.k_out if has_bias else 0)),
+                         device)
         # per-row scratch in fp32 entries: a and g copies, their projections and padded copies
         positions = g.shape[2] * g.shape[3] if conv else g.shape[1]
         contraction = positions * (conv[8] if conv else 1)
@@ -398,9 +402,11 @@ class KroneckerProjector:
             a_proj, g_proj, g_sum = project_rows(a_rows, g_rows)
             weight = torch.bmm(g_proj.reshape(n_seg, -1, self.k_out).transpose(1, 2),
                                a_proj.reshape(n_seg, -1, self.k_in))
-            out[segs, :block] = weight.reshape(n_seg, block)
+            out[segs, :block] += weight.reshape(n_seg, block)
             if has_bias:
-                out[segs, block:] = g_sum.reshape(n_seg, longest, d_out).sum(1) @ r_bias
+                if longest > 1:
+                    g_sum = g_sum.reshape(n_seg, longest, d_out).sum(1)
+                out[segs, block:] += g_sum @ r_bias
         return out
 
     def _row_projection(self, conv: tuple, offset: int, features: int, d_out: int, device):
@@ -417,6 +423,18 @@ class KroneckerProjector:
             weights = _conv_weights(conv, r_in, r_out, self.k_in, self.k_out)
             self._cache_put(key, weights)
         return _conv_rows(conv, *weights, self.k_in, self.k_out)
+
+
+def _check_out(out, shape: tuple, device) -> torch.Tensor:
+    """``out`` of ``project_layer``: zeros of ``shape`` when None, else checked."""
+    if out is None:
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != shape or out.dtype != torch.float32 or out.device != device:
+        raise ValueError(f"out must be float32 of shape {list(shape)} on {device}, got "
+                         f"{out.dtype} of shape {list(out.shape)} on {out.device}")
+    return out
 
 
 def _linear_rows(r_in: torch.Tensor, r_out: torch.Tensor):

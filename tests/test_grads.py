@@ -328,6 +328,32 @@ def test_kronecker_projector_blocks(case, selection):
     assert_rel(got, expected)
 
 
+class BiasFirstLinear(nn.Linear):
+    """A Linear whose bias is registered (and listed by named_parameters) before its weight."""
+
+    def __init__(self, d_in, d_out):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = d_in, d_out
+        self.bias = nn.Parameter(torch.randn(d_out) * 0.1)
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) * 0.3)
+
+
+@needs_kron
+def test_kronecker_bias_listed_before_weight():
+    """Blocks follow named_parameters order even when a layer's bias block precedes its
+    weight block (they cannot be written as one slice)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), BiasFirstLinear(4, 3))
+    assert [n for n, _ in model.named_parameters()][2:] == ["2.bias", "2.weight"]
+    assert fastattr.coverage(model)["2.weight"] == "linear"
+    x = torch.randn(6, 5)
+    batch = (x, torch.randn(6, 3))
+    kp = KroneckerProjector(3, 2, seed=4)
+    ids = torch.tensor([1, 0, 0, 2, 1, 1])
+    expected = kp.project(oracle_grads(model, row_sq, batch, ids=ids))
+    assert_rel(fastattr.projected_grads(model, row_sq, batch, kp, segments=ids), expected)
+
+
 # -------------------------------------------------------------------------- diffusers UNets
 
 ABAR = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)

@@ -171,6 +171,31 @@ def test_project_layer_in_order_rows_non_contiguous(case):
     assert torch.equal(got, again)
 
 
+@pytest.mark.parametrize("case", ["linear_tokens", "conv_stride2_pad"])
+def test_project_layer_adds_into_out(case):
+    """``out=``: the result is added to the given tensor (a column slice of a wider one),
+    which is returned; the other columns are untouched."""
+    module, layer, x, _ = make_layer(case)
+    seg = Segments.from_ids(torch.tensor([0, 1, 1, 2, 0, 2, 2][: x.shape[0]]))
+    proj = fastattr.KroneckerProjector(4, 3, seed=SEED, ensemble_id=ENSEMBLE)
+    b_off = module.weight.numel() if module.bias is not None else None
+    expected = proj.project_layer(layer, seg, 0, b_off)
+    wide = torch.randn(seg.num_segments, expected.shape[1] + 5)
+    before = wide.clone()
+    got = proj.project_layer(layer, seg, 0, b_off, out=wide[:, 2:2 + expected.shape[1]])
+    assert got.data_ptr() == wide[:, 2:].data_ptr()
+    assert_rel(wide[:, 2:2 + expected.shape[1]], before[:, 2:2 + expected.shape[1]] + expected,
+               1e-6)
+    assert torch.equal(wide[:, :2], before[:, :2])
+    assert torch.equal(wide[:, 2 + expected.shape[1]:], before[:, 2 + expected.shape[1]:])
+    with pytest.raises(ValueError, match="out must be float32 of shape"):
+        proj.project_layer(layer, seg, 0, b_off, out=torch.zeros(seg.num_segments, 3))
+    with pytest.raises(ValueError, match="out must be float32"):
+        proj.project_layer(layer, seg, 0, b_off, out=expected.double())
+    with pytest.raises(TypeError, match="out must be a Tensor"):
+        proj.project_layer(layer, seg, 0, b_off, out=expected.tolist())
+
+
 def test_rows_per_sample():
     """K only for equal, in-order segments; None for shuffled, unequal or empty samples."""
     assert Segments.identity(5).rows_per_sample == 1
