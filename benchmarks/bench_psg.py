@@ -28,7 +28,9 @@ median of the timed calls after a warm-up call (a call longer than ``--long-call
 timed once, without warm-up, and marked so).
 
 Models: ``digits`` (the 8x8 UNet of the digits benchmark, ``fastattr.models.digits_unet``)
-and ``cifar`` (a 32x32 DDPM-CIFAR-size UNet, for a GPU). ``--quick`` is a smoke run.
+and ``cifar`` (a 32x32 DDPM-CIFAR-size UNet, meant for a GPU; on this 2-core CPU a call takes
+14-70 s and vmap+projector needs about 17 GiB at B = 64, so time it once with ``--long-call 1
+--repeats 1``). ``--quick`` is a smoke run.
 
 Examples::
 
