@@ -413,14 +413,15 @@ class KroneckerProjector:
         """``project_rows(a, g) -> (a_proj [n, M, k_in], g_proj [n, M, k_out], g_sum [n,
         d_out])`` of a layer (see ``_linear_rows`` / ``_conv_rows``). The conv form of the
         factors is cached beside the factors: building it is a copy per call otherwise."""
-        r_in = self._input_factor(offset, features, device)
-        r_out = self._output_factor(offset, d_out, device)
         if not conv:
-            return _linear_rows(r_in, r_out)
+            return _linear_rows(self._input_factor(offset, features, device),
+                                self._output_factor(offset, d_out, device))
         key = ("conv", offset, features, d_out, conv, torch.device(device))
         weights = self._factor_cache.get(key)
-        if weights is None:
-            weights = _conv_weights(conv, r_in, r_out, self.k_in, self.k_out)
+        if weights is None:  # the factors themselves are only needed to build it
+            weights = _conv_weights(conv, self._input_factor(offset, features, device),
+                                    self._output_factor(offset, d_out, device), self.k_in,
+                                    self.k_out)
             self._cache_put(key, weights)
         return _conv_rows(conv, *weights, self.k_in, self.k_out)
 
